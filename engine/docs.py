@@ -1,0 +1,106 @@
+"""Generates the README's reference sections from the code, so they cannot drift.
+
+    python -m engine.docs          # rewrite the generated sections of README.md
+    python -m engine.docs --check  # exit 1 if README.md is out of date (the test suite does this)
+
+Sections: the recipe keys (from engine.recipe's section schemas), the built-in plugins with their
+options (from each plugin's Options), and the hooks (from engine.hookspecs).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+from pathlib import Path
+
+from engine import hookspecs, schema
+from engine.manager import KINDS, discover
+from engine.recipe import SECTIONS
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _table(rows: list[tuple[str, str, str, str]], prefix: str) -> list[str]:
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, typ, default, help_text in rows:
+        lines.append(f"| `{prefix}{name}` | {typ} | `{default}` | {help_text.replace('|', '/')} |")
+    return lines
+
+
+def recipe_reference() -> str:
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    lines.append("| `extends` | a string | | another recipe (path relative to this one) to deep-merge over |")
+    for kind_name, kind in KINDS.items():
+        typ = "a list of plugin names" if kind.many else "a plugin name"
+        default = kind.default if kind.default != "" else ""
+        lines.append(f"| `{kind.slot}` | {typ} | `{default}` | the {kind_name.replace('_', ' ')} plugin{'s, in order' if kind.many else ''} |".replace('`[]`', '`[]`').replace("'", '"'))
+    for section, section_schema in SECTIONS.items():
+        lines.extend(_table(schema.option_rows(section_schema), f"{section}.")[2:])
+    lines.append("| `<plugin name>.<option>` | | | options of a selected plugin, e.g. `[cosine] warmup_ratio = 0.05` |")
+    return "\n".join(lines)
+
+
+def plugin_reference() -> str:
+    available, _ = discover()
+    out: list[str] = []
+    for kind_name, kind in KINDS.items():
+        builtins = sorted((n, p) for n, p in available.items() if p.kind == kind_name and p.package == "tunesmith")
+        for name, info in builtins:
+            out.append(f"#### `{name}` ({kind_name.replace('_', ' ')}, `{kind.slot}`)")
+            out.append("")
+            out.append(info.summary)
+            out.append("")
+            rows = schema.option_rows(info.options_schema) if info.options_schema else []
+            if rows:
+                out.extend(_table(rows, f"{name}."))
+            else:
+                out.append("No options.")
+            out.append("")
+    return "\n".join(out).rstrip()
+
+
+def hook_signatures() -> list[tuple[str, str, str]]:
+    """(name, signature, docstring) of every hook, in file order."""
+    hooks = []
+    for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
+        if hasattr(fn, f"{hookspecs.PROJECT}_spec"):
+            sig = str(inspect.signature(fn)).replace("'", "")
+            hooks.append((inspect.getsourcelines(fn)[1], name, sig, inspect.getdoc(fn) or ""))
+    return [(n, s, d) for _, n, s, d in sorted(hooks)]
+
+
+def hook_reference() -> str:
+    out = []
+    for name, sig, doc in hook_signatures():
+        out.append(f"```python\n{name}{sig}\n```\n")
+        out.append(doc.replace("\n", "  \n") + "\n")
+    return "\n".join(out).rstrip()
+
+
+SECTIONS_BY_NAME = {"recipe": recipe_reference, "plugins": plugin_reference, "hooks": hook_reference}
+
+
+def render(text: str) -> str:
+    for name, make in SECTIONS_BY_NAME.items():
+        pattern = re.compile(rf"(<!-- BEGIN generated:{name} -->).*?(<!-- END generated:{name} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md has no generated:{name} markers")
+        text = pattern.sub(lambda m: m.group(1) + "\n" + make() + "\n" + m.group(2), text)
+    return text
+
+
+def main(argv: list[str]) -> int:
+    current = README.read_text(encoding="utf-8")
+    fresh = render(current)
+    if "--check" in argv:
+        if fresh != current:
+            print("README.md is out of date: run python -m engine.docs", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(fresh, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

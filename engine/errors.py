@@ -1,0 +1,17 @@
+"""Errors a user can act on. The CLI prints their lines (no traceback) and exits with status 2."""
+
+
+class UserError(Exception):
+    """Bad input: a recipe, a data file, a command-line argument. Holds one line per problem."""
+
+    exit_status = 2
+
+    def __init__(self, *lines: str):
+        self.lines = [line for line in lines if line]
+        super().__init__("\n".join(self.lines))
+
+
+class RunFailed(Exception):
+    """A run that started and could not finish (disk full, non-finite loss). Exit status 1."""
+
+    exit_status = 1

@@ -1,0 +1,170 @@
+"""The plugin contract: every hook a plugin may implement.
+
+A plugin is a class. The engine builds one instance per selected plugin, passing its validated
+options (`self.options`), and registers it with pluggy. Implement a hook by defining a method of
+the same name decorated with `engine.hookimpl`.
+
+Kind hooks serve the slot a recipe selected the plugin for (`optimizer = "adamw"`). Only the
+selected plugins are registered, so a firstresult hook is answered by the one plugin in its slot.
+Hooks marked "called per plugin" are called on each plugin of a list slot in recipe order, each
+call seeing the previous one's output. Lifecycle hooks may be implemented by any plugin of any kind.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:  # only for annotations; importing this module stays cheap
+    import random
+
+    import torch
+
+    from engine.context import EarlyStopDecision, TrainContext
+
+PROJECT = "tunesmith"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# ---------------------------------------------------------------- kind: augmentation
+@hookspec
+def augment_document(text: str, rng: "random.Random", vocabulary: list[str]) -> str:
+    """Return an augmented copy of one training document.
+
+    text: the document (after the previous augmentation in recipe order).
+    rng: a random.Random seeded from train.seed; use only it, so the same seed gives the same data.
+    vocabulary: the distinct words of the training corpus, sorted (for insertions).
+    Returns the new text. Called per plugin, in recipe order. Never called for validation data.
+    """
+
+
+# ---------------------------------------------------------------- kind: optimizer
+@hookspec(firstresult=True)
+def create_optimizer(
+    param_groups: list[dict[str, Any]], learning_rate: float, device: "torch.device"
+) -> "torch.optim.Optimizer":
+    """Build the optimizer.
+
+    param_groups: torch parameter groups; each already has "params" and "weight_decay"
+    (biases and norms get 0).
+    learning_rate: the peak learning rate (train.learning_rate).
+    device: where the parameters live (a plugin can pick a fused kernel on CUDA).
+    Returns a torch optimizer. The first non-None result wins.
+    """
+
+
+# ---------------------------------------------------------------- kind: scheduler
+@hookspec(firstresult=True)
+def create_scheduler(optimizer: "torch.optim.Optimizer", total_steps: int) -> Any:
+    """Build the learning-rate scheduler.
+
+    optimizer: the optimizer from create_optimizer.
+    total_steps: the number of optimizer steps the run will take.
+    Returns a torch LRScheduler, stepped once after every optimizer step.
+    The first non-None result wins.
+    """
+
+
+# ---------------------------------------------------------------- kind: early_stopping
+@hookspec(firstresult=True)
+def early_stopping_check(metrics: dict[str, float], step: int) -> "EarlyStopDecision":
+    """Judge one evaluation.
+
+    metrics: everything logged at this evaluation (val_loss, perplexity, val_bpc, ...).
+    step: the optimizer step of the evaluation.
+    Returns EarlyStopDecision(improved, stop): improved makes this the best model so far (saved as
+    best/ and restored at the end); stop ends training on every process.
+    The first non-None result wins.
+    """
+
+
+# ---------------------------------------------------------------- kind: sink
+@hookspec
+def log_metrics(metrics: dict[str, float], step: int, phase: str) -> None:
+    """Record metrics.
+
+    metrics: names to numbers (loss, lr, tokens_per_second, val_loss, ...).
+    step: the optimizer step they belong to.
+    phase: "train" for a training log, "eval" for an evaluation, "summary" once at the end.
+    Returns nothing; every sink is called. Called on the main process only.
+    """
+
+
+# ---------------------------------------------------------------- kind: decoding
+@hookspec(firstresult=True)
+def generation_kwargs(tokenizer: Any) -> dict[str, Any]:
+    """Keyword arguments for transformers' `model.generate` (do_sample, temperature, num_beams...).
+
+    tokenizer: the model's tokenizer (for pad or eos ids).
+    Returns a dict. The first non-None result wins.
+    """
+
+
+@hookspec
+def logits_processors(tokenizer: Any) -> list[Any]:
+    """Extra transformers LogitsProcessor objects to apply while generating.
+
+    tokenizer: the model's tokenizer.
+    Returns a list (possibly empty); the lists of all plugins are joined.
+    """
+
+
+# ---------------------------------------------------------------- lifecycle: any plugin
+@hookspec
+def on_train_start(context: "TrainContext") -> None:
+    """Training is about to start: model, optimizer, data and run folder are ready.
+
+    context: the TrainContext (recipe, accelerator, model, tokenizer, output_dir, state).
+    Returns nothing. Called on every process.
+    """
+
+
+@hookspec
+def on_step_end(context: "TrainContext", metrics: dict[str, float]) -> None:
+    """An optimizer step finished.
+
+    context: the TrainContext; context.state.step is the step just taken.
+    metrics: loss (token-weighted over the step), lr, grad_norm, tokens seen.
+    Returns nothing. Call context.request_stop(reason) to end training after this step.
+    Called on every process.
+    """
+
+
+@hookspec
+def on_evaluate(context: "TrainContext", metrics: dict[str, float]) -> None:
+    """An evaluation finished.
+
+    context: the TrainContext.
+    metrics: val_loss, perplexity, val_bpc, val_tokens.
+    Returns nothing. Called on every process.
+    """
+
+
+@hookspec
+def on_train_end(context: "TrainContext", summary: dict[str, Any]) -> None:
+    """Training finished and final/ is written.
+
+    context: the TrainContext.
+    summary: the contents of metrics.json.
+    Returns nothing. Called on every process.
+    """
+
+
+# ---------------------------------------------------------------- state: any plugin
+@hookspec
+def plugin_state() -> dict[str, Any]:
+    """State to keep in a checkpoint (an early-stopping counter, a running average).
+
+    Returns a dict of plain values or tensors, or None for a stateless plugin. Called per plugin.
+    """
+
+
+@hookspec
+def load_plugin_state(state: dict[str, Any]) -> None:
+    """Restore what plugin_state returned, when a run resumes from a checkpoint.
+
+    state: the dict this plugin returned from plugin_state.
+    Returns nothing. Called per plugin.
+    """

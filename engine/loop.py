@@ -1,0 +1,337 @@
+"""The training loop: recipe in, run folder out. Reads top to bottom.
+
+1. check the run folder, read and split the documents (before any model loads)
+2. tokenizer, token blocks, model (LoRA, gradient checkpointing)
+3. optimizer and scheduler from the selected plugins; Accelerate prepares model and optimizer
+4. for each optimizer step: this process's micro-batches, a token-weighted loss over all of them
+   (and over all processes), backward, clip, step, schedule; log; evaluate when due
+5. final/ (model or adapter + tokenizer), best/ when early stopping is on, metrics.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine import data as data_mod
+from engine import model as model_mod
+from engine.context import EarlyStopDecision, TrainContext, TrainState
+from engine.errors import RunFailed, UserError
+from engine.manager import Plugins
+from engine.recipe import Recipe
+from engine import tomlfile
+
+RUN_FILES = ("recipe.toml", "metrics.jsonl", "metrics.json", "final", "best", "checkpoints", "samples.txt")
+
+
+# ------------------------------------------------------------------ run folder
+def check_output_dir(recipe: Recipe) -> Path:
+    """Refuse to replace a finished run unless train.overwrite is set; then clear only run files."""
+    out = Path(recipe.train.output_dir)
+    finished = (out / "metrics.json").exists()
+    if finished and not recipe.train.overwrite:
+        raise UserError(
+            f"train.output_dir: '{out}' holds a finished run (metrics.json); choose another folder, "
+            f"or add train.overwrite=true to replace it"
+        )
+    return out
+
+
+def clear_run_files(out: Path) -> None:
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def choose_precision(requested: str) -> str:
+    """Accelerate's mixed_precision value for train.precision."""
+    if requested == "fp32":
+        return "no"
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+# ------------------------------------------------------------------ loss and evaluation
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropy over a batch, and the number of target tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum", ignore_index=data_mod.IGNORE_INDEX
+    )
+    return loss, (targets != data_mod.IGNORE_INDEX).sum()
+
+
+@torch.no_grad()
+def evaluate(model: Any, accelerator: Any, blocks: list[torch.Tensor], batch_size: int, pad_id: int, n_chars: int) -> dict[str, float]:
+    """Mean token loss, perplexity and bits per character; each validation block counted once."""
+    model.eval()
+    mine = blocks[accelerator.process_index :: accelerator.num_processes]
+    nats = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    for start in range(0, len(mine), batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in data_mod.collate(mine[start : start + batch_size], pad_id).items()}
+        with accelerator.autocast():
+            loss, n = token_loss_sum(model, batch)
+        nats += loss.double()
+        tokens += n
+    nats = accelerator.reduce(nats, "sum").item()
+    tokens = int(accelerator.reduce(tokens, "sum").item())
+    model.train()
+    val_loss = nats / max(1, tokens)
+    return {
+        "val_loss": val_loss,
+        "perplexity": math.exp(min(val_loss, 700)),
+        "val_bpc": data_mod.bits_per_character(nats, n_chars),
+        "val_tokens": tokens,
+    }
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """A CPU copy of the trainable weights (the adapter for LoRA, everything for full training)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device))
+
+
+# ------------------------------------------------------------------ the run
+def train(recipe: Recipe) -> dict[str, Any]:
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    transformers.utils.logging.disable_progress_bar()
+
+    t_start = time.perf_counter()
+    cfg, out = recipe.train, check_output_dir(recipe)
+    accelerator = Accelerator(mixed_precision=choose_precision(cfg.precision))
+    set_seed(cfg.seed)
+    log = print if accelerator.is_main_process else (lambda *a, **k: None)
+
+    # 1. documents, checked before any model loads
+    plugins = Plugins(recipe.plugins)
+    docs = data_mod.split_documents(recipe)
+    if plugins.of_kind("augmentation") and recipe.data.augment_copies:
+        vocabulary = data_mod.corpus_vocabulary(docs.train)
+        docs.train = data_mod.augment(
+            docs.train, recipe.data.augment_copies, lambda text, rng: plugins.augment(text, rng, vocabulary), cfg.seed
+        )
+
+    # 2. tokenizer, blocks, model
+    tokenizer = model_mod.load_tokenizer(recipe.model, docs.train)
+    model = model_mod.load_model(recipe.model, tokenizer)
+    limit = model_mod.context_length(model)
+    if limit is not None and recipe.data.max_length > limit:
+        raise UserError(f"data.max_length: {recipe.data.max_length} is longer than the model's context ({limit}); set it to {limit} or less")
+    train_blocks = data_mod.build_blocks(docs.train, tokenizer, recipe.data.max_length, recipe.data.packing)
+    val_blocks = data_mod.build_blocks(docs.val, tokenizer, recipe.data.max_length, recipe.data.packing, for_eval=True)
+    val_chars = data_mod.characters(docs.val)
+    if recipe.lora.enabled:
+        if recipe.model.config:
+            raise UserError("lora.enabled: a model built from model.config starts from random weights; train it fully with lora.enabled = false")
+        model = model_mod.apply_lora(model, recipe.lora)
+    if cfg.gradient_checkpointing:
+        model_mod.enable_gradient_checkpointing(model)
+    trainable, total = model_mod.parameter_counts(model)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = world * cfg.batch_size * cfg.gradient_accumulation_steps
+    per_epoch = data_mod.steps_per_epoch(len(train_blocks), global_batch)
+    if per_epoch == 0:
+        raise UserError(
+            f"train.batch_size: one optimizer step needs {global_batch} blocks ({world} processes x batch {cfg.batch_size} "
+            f"x accumulation {cfg.gradient_accumulation_steps}) but data.train gives {len(train_blocks)}; "
+            f"lower train.batch_size or data.max_length, or add data"
+        )
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else per_epoch * cfg.epochs
+
+    # 3. optimizer, scheduler, Accelerate
+    optimizer = plugins.hook.create_optimizer(
+        param_groups=model_mod.param_groups(model, cfg.weight_decay), learning_rate=cfg.learning_rate, device=accelerator.device
+    )
+    scheduler = plugins.hook.create_scheduler(optimizer=optimizer, total_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    if accelerator.is_main_process:
+        if recipe.train.overwrite:
+            clear_run_files(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.toml").write_text(tomlfile.dumps(recipe.resolved()), encoding="utf-8")
+    accelerator.wait_for_everyone()
+
+    context = TrainContext(recipe, accelerator, model, tokenizer, optimizer, scheduler, out, total_steps, TrainState())
+    state = context.state
+    log(
+        f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%) | "
+        f"{len(train_blocks)} train blocks, {len(val_blocks)} val blocks of <= {recipe.data.max_length} tokens | "
+        f"{total_steps} steps of {global_batch} blocks | device {accelerator.device}, precision {accelerator.mixed_precision}"
+    )
+    plugins.hook.on_train_start(context=context)
+
+    def emit(metrics: dict[str, Any], phase: str) -> None:
+        if accelerator.is_main_process:
+            plugins.hook.log_metrics(metrics=metrics, step=state.step, phase=phase)
+
+    best_weights: dict[str, torch.Tensor] | None = None
+    early_stopping = bool(plugins.of_kind("early_stopping"))
+    last_eval: dict[str, float] = {}
+    train_seconds, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    loss_window: list[float] = []
+
+    def run_evaluation() -> bool:
+        """Evaluate, track the best model; returns True when training should stop."""
+        nonlocal best_weights, last_eval
+        metrics = evaluate(model, accelerator, val_blocks, cfg.batch_size, tokenizer.pad_token_id, val_chars)
+        metrics["epoch"] = state.epoch
+        last_eval = metrics
+        emit(metrics, "eval")
+        plugins.hook.on_evaluate(context=context, metrics=metrics)
+        decision = plugins.hook.early_stopping_check(metrics=metrics, step=state.step) if early_stopping else None
+        if decision is None:
+            improved = state.best_metric is None or metrics["val_loss"] < state.best_metric
+            decision = EarlyStopDecision(improved=improved, stop=False)
+        if decision.improved:
+            state.best_metric, state.best_step = metrics["val_loss"], state.step
+            if early_stopping:
+                best_weights = trainable_state(accelerator.unwrap_model(model))
+        if decision.stop:
+            context.request_stop(decision.reason or "early stopping")
+        return decision.stop
+
+    # 4. the loop
+    pad_id = tokenizer.pad_token_id
+    stop = False
+    while state.step < total_steps and not stop:
+        if state.step_in_epoch >= per_epoch:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        micro = data_mod.step_batches(
+            len(train_blocks), cfg.seed, state.epoch, state.step_in_epoch,
+            cfg.batch_size, cfg.gradient_accumulation_steps, rank, world,
+        )
+        batches = [{k: v.to(accelerator.device) for k, v in data_mod.collate([train_blocks[i] for i in ids], pad_id).items()} for ids in micro]
+        local_tokens = sum(int((b["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum()) for b in batches)
+        step_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum").item())
+        step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        t0 = time.perf_counter()
+        for i, batch in enumerate(batches):
+            sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
+            with sync:
+                with accelerator.autocast():
+                    loss_sum, _ = token_loss_sum(model, batch)
+                # DDP averages gradients over processes; scaling by world / tokens makes the result the
+                # gradient of the token-weighted mean over every micro-batch of every process.
+                accelerator.backward(loss_sum * world / step_tokens)
+            step_loss += loss_sum.detach().double()
+        loss = accelerator.reduce(step_loss, "sum").item() / step_tokens
+        if not math.isfinite(loss):
+            raise RunFailed(f"training loss is {loss} at step {state.step + 1}; the weights were not updated. Lower train.learning_rate or check the data")
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_seconds += time.perf_counter() - t0
+        state.step += 1
+        state.step_in_epoch += 1
+        state.tokens_seen += step_tokens
+        window_tokens += step_tokens
+        loss_window.append(loss)
+        metrics = {
+            "loss": loss,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+            "tokens_seen": state.tokens_seen,
+            "epoch": state.epoch + state.step_in_epoch / per_epoch,
+        }
+        if state.step % cfg.log_every_steps == 0 or state.step == total_steps:
+            now = time.perf_counter()
+            metrics["loss"] = sum(loss_window) / len(loss_window)
+            metrics["tokens_per_second"] = window_tokens / max(1e-9, now - window_start)
+            emit(metrics, "train")
+            loss_window, window_tokens, window_start = [], 0, now
+        plugins.hook.on_step_end(context=context, metrics=metrics)
+        epoch_end = state.step_in_epoch >= per_epoch
+        due = cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0
+        if epoch_end or due or state.step == total_steps:
+            stop = run_evaluation() or stop
+        if context.stop_reason:
+            accelerator.set_trigger()
+        if accelerator.check_trigger():
+            stop = True
+            context.request_stop("stop requested by another process")
+
+    # 5. the run folder
+    unwrapped = accelerator.unwrap_model(model)
+    if state.best_step and not last_eval:
+        last_eval = evaluate(model, accelerator, val_blocks, cfg.batch_size, pad_id, val_chars)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_model(unwrapped, tokenizer, out / "final")
+    if early_stopping and best_weights is not None:
+        restore_trainable(unwrapped, best_weights)  # the run ends holding its best weights
+        if accelerator.is_main_process:
+            save_model(unwrapped, tokenizer, out / "best")
+    summary = {
+        "val_loss": last_eval.get("val_loss"),
+        "perplexity": last_eval.get("perplexity"),
+        "val_bpc": last_eval.get("val_bpc"),
+        "best_val_loss": state.best_metric,
+        "best_step": state.best_step,
+        "train_loss": loss,
+        "steps": state.step,
+        "epochs": round(state.epoch + state.step_in_epoch / per_epoch, 4),
+        "tokens_seen": state.tokens_seen,
+        "tokens_per_second": state.tokens_seen / max(1e-9, train_seconds),
+        "trainable_params": trainable,
+        "total_params": total,
+        "stopped_early": bool(context.stop_reason),
+        "stop_reason": context.stop_reason,
+        "skipped_steps": state.skipped_steps,
+        "wall_seconds": time.perf_counter() - t_start,
+        "processes": world,
+    }
+    emit(summary, "summary")
+    if accelerator.is_main_process:
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    plugins.hook.on_train_end(context=context, summary=summary)
+    if cfg.sample_prompt and accelerator.is_main_process:
+        from engine.generate import generate_text
+
+        text = generate_text(unwrapped, tokenizer, plugins, cfg.sample_prompt, max_new_tokens=cfg.sample_max_new_tokens)
+        log(f"\nsample: {cfg.sample_prompt}{text}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
+    """save_pretrained (safetensors) of the model or LoRA adapter, plus the tokenizer."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)

@@ -1,0 +1,264 @@
+"""Recipes: TOML files with `extends`, `key=value` overrides, and strict validation.
+
+Loading a recipe never touches a model or data: every problem in it (unknown keys, wrong types,
+values out of range, unknown plugins, bad plugin options) is collected and raised together as one
+UserError, each line naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from engine import schema, tomlfile
+from engine.errors import UserError
+from engine.manager import KINDS, SLOT_TO_KIND, Selected, resolved_options, select
+from engine.schema import opt
+
+
+@dataclass
+class ModelSection:
+    base: str = opt("distilgpt2", "hub id or local folder of the base model (from_pretrained)")
+    config: dict = opt({}, "build a new model from this config table instead (e.g. model_type = \"gpt2\", n_layer = 2)")
+    tokenizer: str = opt("", "hub id or folder of the tokenizer; default: the base model's, or one trained on data.train when model.config is set")
+    tokenizer_vocab_size: int = opt(4096, "vocabulary size of the BPE tokenizer trained for a model built from model.config", min=256)
+    trust_remote_code: bool = opt(False, "allow custom model code from the hub (off unless you trust it)")
+    attention: Literal["sdpa", "eager"] = opt("sdpa", "attention implementation")
+
+
+@dataclass
+class DataSection:
+    train: str = opt(help="training text: a file, a glob, or a datasets name (.txt, .jsonl/.json, .csv, .parquet)")
+    val: str = opt("", "validation text (same forms as data.train); empty: split data.val_split off the training documents")
+    val_split: float = opt(0.1, "share of training documents held out for validation when data.val is empty", gt=0.0, lt=1.0)
+    max_length: int = opt(512, "tokens per training block", min=2)
+    text_field: str = opt("text", "column holding the text in .jsonl/.json/.csv/.parquet files and datasets")
+    txt_documents: Literal["paragraph", "line", "file"] = opt("paragraph", "what one document is in a .txt file: blank-line-separated paragraphs, single lines, or the whole file")
+    packing: bool = opt(True, "concatenate documents (EOS between them) into full max_length blocks; false: one padded block per document piece")
+    augment_copies: int = opt(1, "augmented copies added per training document when augmentations are selected (1 doubles the data)", min=0)
+    encoding_errors: Literal["strict", "replace"] = opt("strict", "bytes that are not UTF-8: stop with an error naming file and line, or replace them")
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = opt("runs/latest", "run folder (relative to the folder you run from)")
+    epochs: int = opt(3, "passes over the training data", min=1)
+    max_steps: int = opt(0, "optimizer steps to take; wins over epochs when > 0", min=0)
+    batch_size: int = opt(4, "sequences per micro-batch on each process", min=1)
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", min=1)
+    learning_rate: float = opt(5e-5, "peak learning rate", gt=0.0)
+    weight_decay: float = opt(0.01, "decoupled weight decay (not applied to biases and norms)", min=0.0)
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this; 0 turns clipping off", min=0.0)
+    seed: int = opt(42, "seed for weights, data order, dropout and augmentation", min=0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "auto: bf16 where supported, fp16 on other GPUs, fp32 on CPU")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    eval_every_steps: int = opt(0, "evaluate every N optimizer steps as well as at each epoch end (0: epoch ends only)", min=0)
+    log_every_steps: int = opt(10, "send training metrics to the sinks every N optimizer steps", min=1)
+    overwrite: bool = opt(False, "allow replacing a finished run in output_dir")
+    sample_prompt: str = opt("", "after training, generate from this prompt and print it (empty: no sample)")
+    sample_max_new_tokens: int = opt(60, "tokens to generate for the sample", min=1)
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = opt(True, "train a LoRA adapter (peft); false: full fine-tuning")
+    r: int = opt(16, "LoRA rank", min=1)
+    alpha: int = opt(32, "LoRA alpha (scale = alpha / r)", min=1)
+    dropout: float = opt(0.1, "dropout on the LoRA path", min=0.0, lt=1.0)
+    target_modules: list[str] = opt([], "module names to adapt; empty: peft's default for the architecture (c_attn for GPT-2)")
+
+
+SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "train": TrainSection, "lora": LoraSection}
+SLOT_TYPES: dict[str, Any] = {k.slot: (list[str] if k.many else str) for k in KINDS.values()}
+
+
+@dataclass
+class Recipe:
+    path: str
+    model: ModelSection
+    data: DataSection
+    train: TrainSection
+    lora: LoraSection
+    plugins: list[Selected]
+    base_dir: Path
+
+    def resolved(self) -> dict[str, Any]:
+        """The whole recipe as run: every key, defaults filled in, plugin options included."""
+        out: dict[str, Any] = {}
+        for kind in KINDS.values():
+            names = [s.name for s in self.plugins if KINDS[s.kind] is kind]
+            out[kind.slot] = names if kind.many else (names[0] if names else "")
+        for name in SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        for sel in self.plugins:
+            out[sel.name] = resolved_options(sel)
+        return out
+
+    def plugin(self, kind: str) -> Selected | None:
+        found = [s for s in self.plugins if s.kind == kind]
+        return found[0] if found else None
+
+
+# ------------------------------------------------------------------ loading
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe file not found") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: recipe is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        return tomlfile.loads(text)
+    except tomlfile.TOMLDecodeError as exc:
+        # tomllib puts the position at the end of the message: "Invalid value (at line 2, column 10)"
+        msg, _, where = str(exc).rpartition(" (at ")
+        where = where.rstrip(")") if msg else ""
+        raise UserError(f"{path}: not valid TOML at {where}: {msg}" if where else f"{path}: not valid TOML: {exc}") from None
+
+
+def _merge(base: dict, over: dict, origins: dict[str, str], origin: str, prefix: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "config":
+            out[key] = _merge(out[key], value, origins, origin, f"{dotted}.")
+        else:
+            out[key] = copy.deepcopy(value)
+            _mark(origins, dotted, value, origin)
+    return out
+
+
+def _mark(origins: dict[str, str], dotted: str, value: Any, origin: str) -> None:
+    origins[dotted] = origin
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _mark(origins, f"{dotted}.{k}", v, origin)
+
+
+def load_file(path: Path, origins: dict[str, str], chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read one recipe, following `extends` (relative to the recipe) and deep-merging over it."""
+    path = path.resolve() if chain else path
+    real = path.resolve()
+    if real in chain:
+        loop = " -> ".join(str(p) for p in (*chain, real))
+        raise UserError(f"{path}: extends loops back to itself ({loop}); remove one of the extends keys")
+    data = _read(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        _mark_all(origins, data, str(path))
+        return data
+    if not isinstance(parent, str):
+        raise UserError(f"{path}: extends: expected a string (path of another recipe), got {parent!r}")
+    parent_path = (real.parent / parent)
+    if not parent_path.exists():
+        raise UserError(f"{path}: extends: no recipe at {parent_path}")
+    base = load_file(parent_path, origins, (*chain, real))
+    return _merge(base, data, origins, str(path))
+
+
+def _mark_all(origins: dict[str, str], data: dict, origin: str) -> None:
+    for k, v in data.items():
+        _mark(origins, k, v, origin)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value); the value is TOML, or a plain string if it is not valid TOML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"command line: '{text}': overrides look like dotted.key=value (e.g. train.learning_rate=1e-4)")
+    try:
+        value = tomlfile.loads(f"v = {raw}")["v"]
+    except tomlfile.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], origins: dict[str, str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+        _mark(origins, ".".join(parts), value, "command line")
+    return data
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, merge, override and validate a recipe. Raises UserError listing every problem."""
+    path = Path(path)
+    origins: dict[str, str] = {}
+    data = load_file(path, origins)
+    data = apply_overrides(data, list(overrides or []), origins)
+    return from_dict(data, str(path), origins, base_dir=path.resolve().parent)
+
+
+def from_dict(
+    data: dict[str, Any], origin: str, origins: dict[str, str] | None = None, base_dir: Path | None = None
+) -> Recipe:
+    origins = origins or {}
+
+    def origin_of(dotted: str) -> str:
+        return origins.get(dotted, origin)
+
+    errors: list[str] = []
+    sections: dict[str, Any] = {}
+    for name, section_schema in SECTIONS.items():
+        table = data.get(name, {})
+        value, section_errors = schema.validate(table, section_schema, f"{name}.", origin_of(name))
+        # Name the file each bad key came from (a recipe it extends, or the command line).
+        errors.extend(_reattribute(e, origin_of(name), origins) for e in section_errors)
+        sections[name] = value
+
+    slots: dict[str, Any] = {}
+    for slot, slot_type in SLOT_TYPES.items():
+        if slot not in data:
+            continue
+        ok, value = schema._check_value(data[slot], slot_type)
+        if not ok:
+            errors.append(f"{origin_of(slot)}: {slot}: expected {schema.describe_type(slot_type)} (plugin names), got {data[slot]!r}")
+        else:
+            slots[slot] = value
+
+    plugin_tables = {k: v for k, v in data.items() if k not in SECTIONS and k not in SLOT_TYPES}
+    from engine.manager import discover
+
+    installed, _ = discover()
+    known_top = [*SECTIONS, *SLOT_TYPES, "extends"]
+    for key, value in list(plugin_tables.items()):
+        if key not in installed:
+            errors.append(f"{origin_of(key)}: {key}: unknown key{schema.did_you_mean(key, [*known_top, *installed])}")
+            del plugin_tables[key]
+        elif not isinstance(value, dict):
+            errors.append(f"{origin_of(key)}: {key}: expected a table of options for plugin '{key}', got {value!r}")
+            del plugin_tables[key]
+
+    selected, plugin_errors = select(
+        {s: v for s, v in slots.items()}, plugin_tables, origin_of
+    )
+    errors.extend(_reattribute(e, None, origins) for e in plugin_errors)
+    if errors:
+        raise UserError(*errors)
+    return Recipe(origin, sections["model"], sections["data"], sections["train"], sections["lora"], selected, base_dir or Path.cwd())
+
+
+def _reattribute(error: str, default_origin: str | None, origins: dict[str, str]) -> str:
+    """Point an error at the file that set its key (useful with extends and overrides)."""
+    head, sep, rest = error.partition(": ")
+    key, sep2, problem = rest.partition(": ")
+    if sep and sep2 and key in origins:
+        return f"{origins[key]}: {key}: {problem}"
+    return error
+
+
+def slot_for(kind: str) -> str:
+    return KINDS[kind].slot
+
+
+__all__ = ["Recipe", "load", "from_dict", "SECTIONS", "SLOT_TO_KIND", "parse_override"]

@@ -1,0 +1,175 @@
+"""Typed option tables: one validator for the engine's own sections and every plugin's options.
+
+A schema is a dataclass. Each field's type says what TOML value it takes; `field(metadata=...)`
+adds limits (`min`, `max`, `gt`, `lt`) and the one-line `help` shown in the README and by
+`python -m engine plugins`. Validation never stops at the first problem: it returns every one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", **limits: Any) -> Any:
+    """A dataclass field with a help line and optional limits (min, max, gt, lt)."""
+    meta = {"help": help, **limits}
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: typing.cast(Any, type(value))(value), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def did_you_mean(word: str, choices: typing.Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def describe_type(tp: Any) -> str:
+    origin = get_origin(tp)
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if tp is dict or origin is dict:
+        return "a table"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is list:
+        (inner,) = get_args(tp) or (Any,)
+        return f"a list of {describe_type(inner).removeprefix('an ').removeprefix('a ')}s" if inner is not Any else "a list"
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return " or ".join(describe_type(a) for a in args)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Return (ok, converted value) for a TOML value against a type annotation."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return True, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp is dict or origin is dict:
+        return isinstance(value, dict), value
+    if origin is Literal:
+        return value in get_args(tp), value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        (inner,) = get_args(tp) or (Any,)
+        out = []
+        for item in value:
+            ok, conv = _check_value(item, inner)
+            if not ok:
+                return False, value
+            out.append(conv)
+        return True, out
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            if arg is type(None):
+                continue
+            ok, conv = _check_value(value, arg)
+            if ok:
+                return True, conv
+        return False, value
+    raise TypeError(f"unsupported option type {tp!r}")
+
+
+def _check_limits(value: Any, meta: typing.Mapping[str, Any]) -> str | None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    if "min" in meta and value < meta["min"]:
+        return f"must be at least {meta['min']}, got {value}"
+    if "max" in meta and value > meta["max"]:
+        return f"must be at most {meta['max']}, got {value}"
+    if "gt" in meta and not value > meta["gt"]:
+        return f"must be greater than {meta['gt']}, got {value}"
+    if "lt" in meta and not value < meta["lt"]:
+        return f"must be less than {meta['lt']}, got {value}"
+    return None
+
+
+def fields_of(schema: type) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(schema))
+
+
+def resolved_hints(schema: type) -> dict[str, Any]:
+    return typing.get_type_hints(schema)
+
+
+def validate(table: Any, schema: type, key_prefix: str, origin: str) -> tuple[Any, list[str]]:
+    """Validate one TOML table against a dataclass schema.
+
+    Returns (instance or None, errors). Each error reads "ORIGIN: dotted.key: problem".
+    """
+    errors: list[str] = []
+    if not isinstance(table, dict):
+        return None, [f"{origin}: {key_prefix.rstrip('.')}: expected a table, got {table!r}"]
+    hints = resolved_hints(schema)
+    names = [f.name for f in fields_of(schema)]
+    for key in table:
+        if key not in names:
+            errors.append(f"{origin}: {key_prefix}{key}: unknown key{did_you_mean(key, names, key_prefix)}")
+    values: dict[str, Any] = {}
+    for f in fields_of(schema):
+        dotted = f"{key_prefix}{f.name}"
+        if f.name not in table:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                errors.append(f"{origin}: {dotted}: required option is missing ({f.metadata.get('help', '')})".replace(" ()", ""))
+            continue
+        ok, value = _check_value(table[f.name], hints[f.name])
+        if not ok:
+            errors.append(f"{origin}: {dotted}: expected {describe_type(hints[f.name])}, got {table[f.name]!r}")
+            continue
+        problem = _check_limits(value, f.metadata)
+        if problem:
+            errors.append(f"{origin}: {dotted}: {problem}")
+            continue
+        values[f.name] = value
+    if errors:
+        return None, errors
+    return schema(**values), []
+
+
+def defaults_table(schema: type) -> dict[str, Any]:
+    """The schema's defaults as a plain dict (fields without a default are left out)."""
+    out: dict[str, Any] = {}
+    for f in fields_of(schema):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def option_rows(schema: type) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, help) for documentation."""
+    hints = resolved_hints(schema)
+    rows = []
+    for f in fields_of(schema):
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        limits = ", ".join(f"{k} {f.metadata[k]}" for k in ("min", "gt", "max", "lt") if k in f.metadata)
+        help_text = f.metadata.get("help", "") + (f" [{limits}]" if limits else "")
+        rows.append((f.name, describe_type(hints[f.name]), default.replace("'", '"'), help_text))
+    return rows

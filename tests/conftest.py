@@ -1,0 +1,47 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def run_cli(*args: str, cwd: Path | str = REPO, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m engine ARGS` as a user would; returns the finished process (text output)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (tinyshakespeare). Skips loudly when missing; under CI=true it fails instead."""
+    if not (SHARED / "tinyshakespeare-train.txt").exists():
+        reason = f"SHARED DATA MISSING: {SHARED} not found; these tests need ../shared/data beside the repo"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A small GPT-2 with a BPE tokenizer, saved with save_pretrained to a local folder (no hub)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from engine.model import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    text = (REPO / "recipes" / "data" / "quickstart.txt").read_text(encoding="utf-8").split("\n\n")
+    tokenizer = train_tokenizer(text[:400], vocab_size=512)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab_size=len(tokenizer),
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
