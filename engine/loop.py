@@ -204,6 +204,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         nonlocal best_weights, last_eval
         metrics = evaluate(model, accelerator, val_blocks, cfg.batch_size, tokenizer.pad_token_id, val_chars)
         metrics["epoch"] = state.epoch
+        metrics["step"] = state.step
         last_eval = metrics
         emit(metrics, "eval")
         plugins.hook.on_evaluate(context=context, metrics=metrics)
@@ -283,8 +284,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     # 5. the run folder
     unwrapped = accelerator.unwrap_model(model)
-    if state.best_step and not last_eval:
+    if last_eval.get("step") != state.step:  # stopped between evaluations: measure the final weights
         last_eval = evaluate(model, accelerator, val_blocks, cfg.batch_size, pad_id, val_chars)
+        emit(last_eval, "eval")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model(unwrapped, tokenizer, out / "final")
