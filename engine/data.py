@@ -84,10 +84,15 @@ def load_documents(spec: str, key: str, data_cfg: Any) -> tuple[list[str], list[
                 check_utf8(path, key)
             if os.path.getsize(path) == 0:
                 continue
-            ds = datasets.load_dataset(
-                "text", data_files=[path], split="train", sample_by=_SAMPLE_BY[data_cfg.txt_documents],
-                encoding_errors=data_cfg.encoding_errors,
-            )
+            try:
+                ds = datasets.load_dataset(
+                    "text", data_files=[path], split="train", sample_by=_SAMPLE_BY[data_cfg.txt_documents],
+                    encoding_errors=data_cfg.encoding_errors,
+                )
+            except ValueError as exc:
+                if "corresponds to no data" in str(exc):
+                    continue  # only blank lines: no document (the caller reports an empty source)
+                raise UserError(f"{key}: {path}: could not be read as text ({exc})") from None
             docs.extend(ds["text"])
         else:
             try:
