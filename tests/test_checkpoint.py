@@ -365,25 +365,59 @@ def test_disk_full_mid_checkpoint_exits_1_naming_the_path_and_keeps_the_previous
 
 
 # ------------------------------------------------------------------ 5. SIGTERM and Ctrl-C
-@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "Ctrl-C"])
-def test_signal_writes_a_checkpoint_and_exits_with_its_status(tmp_path, reference, sig, status):
+def test_sigterm_writes_a_checkpoint_exits_143_and_resume_reaches_the_same_weights(tmp_path, reference):
+    """A real process gets SIGTERM part-way through training."""
     recipe = recipe_for(tmp_path, callbacks=(), log_every_steps=1)
     path = write_recipe(tmp_path, recipe)
     run = tmp_path / "run"
     proc = start_driver(path, slow=0.05)
     wait_for_lines(proc, run / "metrics.jsonl", 3)
-    proc.send_signal(sig)
+    proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == status, err[-3000:]
+    assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err
     found = checkpoint.newest(run)
     step = int(found.name.split("-")[1])
-    assert f"after step {step}; checkpoint {found} written. Continue with train.resume=auto" in err
+    assert f"interrupted: stopped by SIGTERM after step {step}; checkpoint {found} written. Continue with train.resume=auto" in err
     assert step == json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]  # the step it was on
+    assert step not in (PER_EPOCH, 2 * PER_EPOCH) and step % 5  # written because of the signal
     assert not (run / "final").exists() and not (run / "metrics.json").exists()
-    if sig == signal.SIGTERM:
-        resume({**recipe, "train": {**recipe["train"], "log_every_steps": 3}})
-        assert_same_tensors(load_file(run / "final" / "model.safetensors"), reference["weights"])
+    resume({**recipe, "train": {**recipe["train"], "log_every_steps": 3}})
+    assert_same_tensors(load_file(run / "final" / "model.safetensors"), reference["weights"])
+
+
+class CtrlC:
+    """Presses Ctrl-C (SIGINT to this process) after step 4, twice after step 8 when asked."""
+
+    twice = False
+
+    @hookimpl
+    def on_step_end(self, context, metrics):
+        if context.state.step == 4 or (CtrlC.twice and context.state.step == 8):
+            os.kill(os.getpid(), signal.SIGINT)
+            if CtrlC.twice:
+                os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_writes_a_checkpoint_and_exits_130_a_second_one_stops_at_once(tmp_path, capsys):
+    recipe = recipe_for(tmp_path, callbacks=("ctrl_c",), max_steps=12)
+    path = write_recipe(tmp_path, recipe)
+    run = tmp_path / "run"
+    handler_before = signal.getsignal(signal.SIGINT)
+    with inline_plugin("callback", "ctrl_c", CtrlC):
+        assert main(["train", str(path)]) == 130
+        err = capsys.readouterr().err
+        assert f"interrupted: stopped by Ctrl-C (SIGINT) after step 4; checkpoint {run / 'checkpoints' / checkpoint.name_for(4)} written" in err
+        assert checkpoint.newest(run).name == checkpoint.name_for(4)
+        CtrlC.twice = True
+        try:
+            assert main(["train", str(path), "train.resume=auto"]) == 130
+        finally:
+            CtrlC.twice = False
+        err = capsys.readouterr().err
+    assert "stopped at once by a second Ctrl-C" in err
+    assert checkpoint.newest(run).name == checkpoint.name_for(5)  # the periodic one; none for step 8
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the handler is given back
 
 
 # ------------------------------------------------------------------ 6. NaN and infinite losses
