@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from engine.errors import RunFailed, UserError
+from engine.errors import Interrupted, RunFailed, UserError
 
 COMMANDS = ("train", "check", "plugins", "generate")
 
@@ -67,6 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_status
+    except Interrupted as exc:  # SIGTERM: 143, Ctrl-C: 130, after writing a checkpoint
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        print("interrupted: stopped at once by a second Ctrl-C; no checkpoint written for the current step", file=sys.stderr)
+        return 130
     return 0
 
 

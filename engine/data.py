@@ -84,10 +84,15 @@ def load_documents(spec: str, key: str, data_cfg: Any) -> tuple[list[str], list[
                 check_utf8(path, key)
             if os.path.getsize(path) == 0:
                 continue
-            ds = datasets.load_dataset(
-                "text", data_files=[path], split="train", sample_by=_SAMPLE_BY[data_cfg.txt_documents],
-                encoding_errors=data_cfg.encoding_errors,
-            )
+            try:
+                ds = datasets.load_dataset(
+                    "text", data_files=[path], split="train", sample_by=_SAMPLE_BY[data_cfg.txt_documents],
+                    encoding_errors=data_cfg.encoding_errors,
+                )
+            except ValueError as exc:
+                if "corresponds to no data" in str(exc):
+                    continue  # only blank lines: no document (the caller reports an empty source)
+                raise UserError(f"{key}: {path}: could not be read as text ({exc})") from None
             docs.extend(ds["text"])
         else:
             try:
@@ -188,14 +193,18 @@ def split_each(sequences: list[list[int]], max_length: int) -> list[torch.Tensor
 
 
 def build_blocks(documents: Sequence[str], tokenizer: Any, max_length: int, packing: bool, for_eval: bool = False) -> list[torch.Tensor]:
-    sequences = tokenize(documents, tokenizer)
+    return blocks_of(tokenize(documents, tokenizer), max_length, packing, for_eval)
+
+
+def blocks_of(sequences: list[list[int]], max_length: int, packing: bool, for_eval: bool = False) -> list[torch.Tensor]:
     if packing:
         return pack(sequences, max_length, stride=max_length - 1 if for_eval else None)
     return split_each(sequences, max_length)
 
 
-def count_long_documents(sequences_lengths: Sequence[int], max_length: int) -> int:
-    return sum(1 for n in sequences_lengths if n > max_length)
+def count_long_documents(sequences: Sequence[Sequence[int]], max_length: int) -> int:
+    """Documents (token ids with EOS) that do not fit in one block and are split across several."""
+    return sum(1 for seq in sequences if len(seq) > max_length)
 
 
 def collate(blocks: Sequence[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:

@@ -15,3 +15,11 @@ class RunFailed(Exception):
     """A run that started and could not finish (disk full, non-finite loss). Exit status 1."""
 
     exit_status = 1
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGTERM or Ctrl-C after writing a checkpoint. Exit status 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_status = 128 + signum

@@ -165,6 +165,6 @@ def plugin_state() -> dict[str, Any]:
 def load_plugin_state(state: dict[str, Any]) -> None:
     """Restore what plugin_state returned, when a run resumes from a checkpoint.
 
-    state: the dict this plugin returned from plugin_state.
-    Returns nothing. Called per plugin.
+    state: the dict this plugin returned from plugin_state (saved in the checkpoint).
+    Returns nothing. Called per plugin, after on_train_start.
     """

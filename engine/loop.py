@@ -5,6 +5,8 @@
 3. optimizer and scheduler from the selected plugins; Accelerate prepares model and optimizer
 4. for each optimizer step: this process's micro-batches, a token-weighted loss over all of them
    (and over all processes), backward, clip, step, schedule; log; evaluate when due
+   at each epoch end and every train.save_every_steps, and on SIGTERM or Ctrl-C, a checkpoint
+   (engine/checkpoint.py); train.resume continues from one with the very next batch
 5. final/ (model or adapter + tokenizer), best/ when early stopping is on, metrics.json
 """
 
@@ -22,10 +24,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engine import checkpoint
 from engine import data as data_mod
+from engine import interrupts
 from engine import model as model_mod
 from engine.context import EarlyStopDecision, TrainContext, TrainState
-from engine.errors import RunFailed, UserError
+from engine.errors import Interrupted, RunFailed, UserError
 from engine.manager import Plugins
 from engine.recipe import Recipe
 from engine import tomlfile
@@ -35,14 +39,17 @@ RUN_FILES = ("recipe.toml", "metrics.jsonl", "metrics.json", "final", "best", "c
 
 # ------------------------------------------------------------------ run folder
 def check_output_dir(recipe: Recipe) -> Path:
-    """Refuse to replace a finished run unless train.overwrite is set; then clear only run files."""
+    """Refuse to replace a finished or unfinished run unless train.overwrite or train.resume is set."""
     out = Path(recipe.train.output_dir)
     finished = (out / "metrics.json").exists()
-    if finished and not recipe.train.overwrite:
+    if finished and not (recipe.train.overwrite or recipe.train.resume):
         raise UserError(
             f"train.output_dir: '{out}' holds a finished run (metrics.json); choose another folder, "
-            f"or add train.overwrite=true to replace it"
+            f"add train.overwrite=true to replace it, or train.resume=auto to continue it"
         )
+    unfinished = checkpoint.unfinished_run_problem(out)
+    if unfinished and not (recipe.train.overwrite or recipe.train.resume):
+        raise UserError(unfinished)
     return out
 
 
@@ -116,6 +123,11 @@ def restore_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
 
 # ------------------------------------------------------------------ the run
 def train(recipe: Recipe) -> dict[str, Any]:
+    with interrupts.Watch() as signals:  # SIGTERM and Ctrl-C: checkpoint at the next step boundary, then exit
+        return _train(recipe, signals)
+
+
+def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
     import transformers
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -124,6 +136,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     cfg, out = recipe.train, check_output_dir(recipe)
+    resume_from = checkpoint.resume_point(cfg, out)
     accelerator = Accelerator(mixed_precision=choose_precision(cfg.precision))
     set_seed(cfg.seed)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
@@ -143,7 +156,11 @@ def train(recipe: Recipe) -> dict[str, Any]:
     limit = model_mod.context_length(model)
     if limit is not None and recipe.data.max_length > limit:
         raise UserError(f"data.max_length: {recipe.data.max_length} is longer than the model's context ({limit}); set it to {limit} or less")
-    train_blocks = data_mod.build_blocks(docs.train, tokenizer, recipe.data.max_length, recipe.data.packing)
+    train_tokens = data_mod.tokenize(docs.train, tokenizer)
+    train_blocks = data_mod.blocks_of(train_tokens, recipe.data.max_length, recipe.data.packing)
+    n_long = data_mod.count_long_documents(train_tokens, recipe.data.max_length)
+    if n_long:
+        log(f"data.train: {n_long} of {len(docs.train)} documents are longer than data.max_length ({recipe.data.max_length} tokens) and were split across blocks")
     val_blocks = data_mod.build_blocks(docs.val, tokenizer, recipe.data.max_length, recipe.data.packing, for_eval=True)
     val_chars = data_mod.characters(docs.val)
     if recipe.lora.enabled:
@@ -164,6 +181,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
             f"lower train.batch_size or data.max_length, or add data"
         )
     total_steps = cfg.max_steps if cfg.max_steps > 0 else per_epoch * cfg.epochs
+    identity = checkpoint.identity(cfg, world, train_blocks, total_steps)
 
     # 3. optimizer, scheduler, Accelerate
     optimizer = plugins.hook.create_optimizer(
@@ -172,10 +190,17 @@ def train(recipe: Recipe) -> dict[str, Any]:
     scheduler = plugins.hook.create_scheduler(optimizer=optimizer, total_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    checkpoint.register(accelerator, scheduler)
+    restored = None
+    if resume_from is not None:
+        names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+        restored = checkpoint.load(resume_from, accelerator, identity, names)
 
     if accelerator.is_main_process:
-        if recipe.train.overwrite:
+        if recipe.train.overwrite or (cfg.resume and restored is None):
             clear_run_files(out)
+        if restored is not None:
+            checkpoint.rewind_run_folder(out, restored)
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.toml").write_text(tomlfile.dumps(recipe.resolved()), encoding="utf-8")
     accelerator.wait_for_everyone()
@@ -187,17 +212,28 @@ def train(recipe: Recipe) -> dict[str, Any]:
         f"{len(train_blocks)} train blocks, {len(val_blocks)} val blocks of <= {recipe.data.max_length} tokens | "
         f"{total_steps} steps of {global_batch} blocks | device {accelerator.device}, precision {accelerator.mixed_precision}"
     )
+    best_weights: dict[str, torch.Tensor] | None = None
+    last_eval: dict[str, float] = {}
+    train_seconds, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    loss_window: list[float] = []
+    loss, last_checkpoint = float("nan"), None
+    if restored is not None:
+        restore_trainable(accelerator.unwrap_model(model), restored.weights)
+        state.__dict__.update(restored.state)
+        best_weights, progress = restored.best_weights, restored.progress
+        loss_window, window_tokens, loss = progress["loss_window"], progress["window_tokens"], progress["last_loss"]
+        last_eval, train_seconds, last_checkpoint = progress["last_eval"], progress["train_seconds"], restored.path
+        log(f"resuming from {restored.path} at step {state.step} (epoch {state.epoch + 1}, step {state.step_in_epoch} of {per_epoch})")
     plugins.hook.on_train_start(context=context)
+    if restored is not None:
+        for name in plugins.load_states(restored.plugin_states):
+            checkpoint.warn(f"plugin '{name}' has no state in {restored.path}; it starts afresh")
 
     def emit(metrics: dict[str, Any], phase: str) -> None:
         if accelerator.is_main_process:
             plugins.hook.log_metrics(metrics=metrics, step=state.step, phase=phase)
 
-    best_weights: dict[str, torch.Tensor] | None = None
     early_stopping = bool(plugins.of_kind("early_stopping"))
-    last_eval: dict[str, float] = {}
-    train_seconds, window_tokens, window_start = 0.0, 0, time.perf_counter()
-    loss_window: list[float] = []
 
     def run_evaluation() -> bool:
         """Evaluate, track the best model; returns True when training should stop."""
@@ -220,9 +256,17 @@ def train(recipe: Recipe) -> dict[str, Any]:
             context.request_stop(decision.reason or "early stopping")
         return decision.stop
 
+    def save_checkpoint() -> Path:
+        progress = {"loss_window": loss_window, "window_tokens": window_tokens, "last_loss": loss, "last_eval": last_eval, "train_seconds": train_seconds}
+        return checkpoint.write(
+            out, accelerator, state, lambda: trainable_state(accelerator.unwrap_model(model)), best_weights,
+            plugins.states(), progress, identity, cfg.keep_checkpoints,
+        )
+
     # 4. the loop
     pad_id = tokenizer.pad_token_id
     stop = False
+    signals.arm()
     while state.step < total_steps and not stop:
         if state.step_in_epoch >= per_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
@@ -245,29 +289,39 @@ def train(recipe: Recipe) -> dict[str, Any]:
                 accelerator.backward(loss_sum * world / step_tokens)
             step_loss += loss_sum.detach().double()
         loss = accelerator.reduce(step_loss, "sum").item() / step_tokens
-        if not math.isfinite(loss):
-            raise RunFailed(f"training loss is {loss} at step {state.step + 1}; the weights were not updated. Lower train.learning_rate or check the data")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:
-            scheduler.step()
+        finite = math.isfinite(loss) and (grad_norm is None or accelerator.scaler is not None or math.isfinite(float(grad_norm)))
+        if not finite and cfg.on_nan == "stop":
+            kept = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
+            raise RunFailed(
+                f"training loss is {loss} (gradient norm {float(grad_norm) if grad_norm is not None else 'not computed'}) at step {state.step + 1}; "
+                f"the weights were not updated{kept}. Lower train.learning_rate, check the data, or set train.on_nan=\"skip\""
+            )
+        if finite:
+            optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+        else:
+            state.skipped_steps += 1  # train.on_nan = "skip": no update; counted in the logs and metrics.json
         optimizer.zero_grad(set_to_none=True)
         train_seconds += time.perf_counter() - t0
         state.step += 1
         state.step_in_epoch += 1
         state.tokens_seen += step_tokens
         window_tokens += step_tokens
-        loss_window.append(loss)
+        if finite:
+            loss_window.append(loss)
         metrics = {
             "loss": loss,
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
             "tokens_seen": state.tokens_seen,
             "epoch": state.epoch + state.step_in_epoch / per_epoch,
+            "skipped_steps": state.skipped_steps,
         }
         if state.step % cfg.log_every_steps == 0 or state.step == total_steps:
             now = time.perf_counter()
-            metrics["loss"] = sum(loss_window) / len(loss_window)
+            metrics["loss"] = sum(loss_window) / len(loss_window) if loss_window else float("nan")
             metrics["tokens_per_second"] = window_tokens / max(1e-9, now - window_start)
             emit(metrics, "train")
             loss_window, window_tokens, window_start = [], 0, now
@@ -281,6 +335,14 @@ def train(recipe: Recipe) -> dict[str, Any]:
         if accelerator.check_trigger():
             stop = True
             context.request_stop("stop requested by another process")
+        signum = signals.pending(accelerator)
+        if epoch_end or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0) or signum:
+            last_checkpoint = save_checkpoint()
+        if signum:
+            raise Interrupted(
+                f"stopped by {interrupts.name(signum)} after step {state.step}; checkpoint {last_checkpoint} written. "
+                f"Continue with train.resume=auto", signum,
+            )
 
     # 5. the run folder
     unwrapped = accelerator.unwrap_model(model)

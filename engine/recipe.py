@@ -57,7 +57,11 @@ class TrainSection:
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     eval_every_steps: int = opt(0, "evaluate every N optimizer steps as well as at each epoch end (0: epoch ends only)", min=0)
     log_every_steps: int = opt(10, "send training metrics to the sinks every N optimizer steps", min=1)
-    overwrite: bool = opt(False, "allow replacing a finished run in output_dir")
+    overwrite: bool = opt(False, "allow replacing a finished or unfinished run in output_dir")
+    save_every_steps: int = opt(0, "also write a checkpoint every N optimizer steps (one is always written at each epoch end); 0: epoch ends only", min=0)
+    keep_checkpoints: int = opt(2, "complete checkpoints to keep: the newest N, and the best one as well", min=1)
+    resume: str = opt("", "continue from a checkpoint: \"auto\" (the newest complete one in output_dir) or a checkpoint folder; empty: start fresh")
+    on_nan: Literal["stop", "skip"] = opt("stop", "a NaN or infinite loss: stop naming the step (exit 1), or skip the step without an update and count it in skipped_steps")
     sample_prompt: str = opt("", "after training, generate from this prompt and print it (empty: no sample)")
     sample_max_new_tokens: int = opt(60, "tokens to generate for the sample", min=1)
 
