@@ -10,20 +10,7 @@ from engine import hookimpl
 from engine.errors import UserError
 from engine.schema import opt
 from engine.testing import inline_plugin, run_recipe, tiny_recipe
-from tests.conftest import run_cli
-
-
-def fake_package(root, name, entry_points, modules):
-    """A package visible to importlib.metadata: a dist-info folder plus modules, under `root` (for PYTHONPATH)."""
-    root.mkdir(parents=True, exist_ok=True)
-    info = root / f"{name}-1.2.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.2.3\n")
-    lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[tunesmith]\n{lines}\n")
-    for mod, source in modules.items():
-        (root / f"{mod}.py").write_text(textwrap.dedent(source))
-    return root
+from tests.conftest import fake_package, run_cli
 
 
 def test_plugins_command_lists_builtins_with_package_and_summary():
