@@ -95,6 +95,21 @@ def is_fsdp(accelerator: Any) -> bool:
     return str(accelerator.distributed_type).endswith("FSDP")
 
 
+def check_fsdp(accelerator: Any) -> None:
+    """Refuse an FSDP launch that Accelerate would quietly run as plain data parallelism (on CPU).
+
+    Accelerate (1.15) turns FSDP on only for GPUs and other accelerator devices; on CPU processes it
+    keeps a full model copy on each, which is not what an FSDP config asked for.
+    """
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and not is_fsdp(accelerator):
+        raise UserError(
+            f"the Accelerate config asks for FSDP, but Accelerate shards only over GPUs (or other accelerator "
+            f"devices) and this run is on {accelerator.device}; launch it on a GPU machine, or leave out the "
+            f"FSDP config (--config_file recipes/accelerate_fsdp.yaml, --use_fsdp) to train with a full copy per process"
+        )
+
+
 def full_state_dict(accelerator: Any, model: Any) -> dict[str, Any] | None:
     """The whole model's weights for save_pretrained, gathered under FSDP; None where the model has them.
 

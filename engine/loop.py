@@ -133,6 +133,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     distributed.check_device_map(recipe.model, distributed.launched_processes())
     accelerator = Accelerator(mixed_precision=choose_precision(cfg.precision), **distributed.accelerator_options())
     distributed.check_device_map(recipe.model, accelerator.num_processes)
+    distributed.check_fsdp(accelerator)
     set_seed(cfg.seed)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
 

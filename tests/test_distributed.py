@@ -120,11 +120,11 @@ def test_stop_requested_on_one_rank_stops_every_rank_at_that_step(tmp_path, one_
 
 def test_nan_loss_on_one_rank_fails_every_rank_cleanly(tmp_path, one_rank_package):
     recipe = _recipe(tmp_path, batch_size=4, max_steps=8)
-    recipe.update(callbacks=["one_rank"], one_rank={"rank": 1, "step": 2, "action": "nan"})
+    recipe.update(callbacks=["one_rank"], one_rank={"rank": 1, "step": 1, "action": "nan"})
     result = launch(write_recipe(recipe, tmp_path / "r.toml"), processes=2, env=one_rank_package, timeout=WATCHDOG_S)
     assert result.returncode == 1
     # the loss is reduced over processes, so rank 0 sees the NaN of rank 1 at the same step
-    assert result.stderr.count("error: training loss is nan at step 3") == 2, result.stderr[-3000:]
+    assert result.stderr.count("error: training loss is nan at step 2") == 2, result.stderr[-3000:]
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
@@ -148,7 +148,43 @@ def test_device_map_auto_in_one_process_trains_and_saves(tmp_path, tiny_model_di
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").config.n_layer == 2
     recipe["model"] = {"config": {"model_type": "gpt2", "n_layer": 1}, "device_map": "auto"}
+    recipe["train"]["output_dir"] = str(tmp_path / "other")
     from engine.errors import UserError
 
     with pytest.raises(UserError, match="model.device_map: .* a model built from model.config"):
         run_recipe(recipe)
+
+
+def test_fsdp_accelerate_config_resolves_to_fsdp2_with_full_state_dict():
+    """recipes/accelerate_fsdp.yaml as accelerate launch reads it (FSDP itself needs GPUs: see README)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin, patch_environment
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from tests.conftest import REPO
+
+    argv = ["--config_file", str(REPO / "recipes/accelerate_fsdp.yaml"), "-m", "engine", "recipes/fsdp.toml"]
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    assert args.use_fsdp and args.num_processes == 2 and args.module
+    env = {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("FSDP_", "ACCELERATE_"))}
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    with patch_environment(**env):
+        plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT"  # final/ is one ordinary save_pretrained folder
+    assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
+    result = run_cli("check", "recipes/fsdp.toml", cwd=REPO)
+    assert result.returncode == 0, result.stderr
+
+
+def test_fsdp_on_cpu_is_refused_instead_of_quietly_replicating(tmp_path):
+    # what accelerate launch --config_file recipes/accelerate_fsdp.yaml puts in a process's environment
+    from engine.distributed import has_accelerator_device
+
+    if has_accelerator_device():
+        pytest.skip("this machine has a GPU: FSDP is available here")
+    path = write_recipe(_recipe(tmp_path), tmp_path / "r.toml")
+    result = run_cli(str(path), env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: the Accelerate config asks for FSDP, but Accelerate shards only over GPUs" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "metrics.json").exists()
