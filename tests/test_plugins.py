@@ -134,3 +134,28 @@ def test_third_party_plugin_from_entry_point_runs(tmp_path):
     result = run_cli(str(path), env={"PYTHONPATH": str(root)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "n.json").read_text()) == {"steps": 8}
+
+
+def test_hookimpl_that_is_no_hook_and_broken_constructor_name_the_package(tmp_path):
+    class Typo:
+        """A misspelled hook."""
+
+        @hookimpl
+        def on_step_ends(self, context, metrics):
+            pass
+
+    class Explodes:
+        """Fails in __init__."""
+
+        def __init__(self):
+            raise RuntimeError("no licence key")
+
+    with inline_plugin("callback", "typo", Typo), inline_plugin("callback", "explodes", Explodes):
+        with pytest.raises(UserError) as info:
+            run_recipe(tiny_recipe(tmp_path, callbacks=["typo"]))
+        assert str(info.value) == (
+            "plugin 'typo' from package (inline): method on_step_ends() is marked @hookimpl but there is no hook "
+            "on_step_ends (did you mean on_step_end?)"
+        )
+        with pytest.raises(UserError, match=r"plugin 'explodes' from package \(inline\) failed to start: RuntimeError: no licence key"):
+            run_recipe(tiny_recipe(tmp_path / "b", callbacks=["explodes"]))
