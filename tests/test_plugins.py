@@ -102,6 +102,28 @@ def test_broken_third_party_plugin_breaks_only_recipes_selecting_it(tmp_path):
     assert "brokenpkg 1.2.3" in listing.stdout and "fails to import" in listing.stdout
 
 
+def test_third_party_hook_with_wrong_signature_names_its_package(tmp_path):
+    root = fake_package(
+        tmp_path / "site", "sigpkg", {"sink.badsig": "sigmod:BadSig"},
+        {"sigmod": """
+            from engine import hookimpl
+
+            class BadSig:
+                \"\"\"log_metrics with an argument the hook does not have.\"\"\"
+                @hookimpl
+                def log_metrics(self, metrics, step, phase, colour):
+                    pass
+        """},
+    )
+    recipe = tmp_path / "r.toml"
+    out = tmp_path / "run"
+    recipe.write_text(f'sinks = ["badsig"]\n[data]\ntrain = "a.txt"\n[train]\noutput_dir = "{out}"\n')
+    result = run_cli(str(recipe), env={"PYTHONPATH": str(root)})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: plugin 'badsig' from package sigpkg: " in result.stderr and "colour" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_third_party_plugin_from_entry_point_runs(tmp_path):
     root = fake_package(
         tmp_path / "site", "countpkg", {"callback.counter": "countmod:Counter"},
