@@ -53,6 +53,26 @@ def accelerator_options() -> dict[str, Any]:
     return {}
 
 
+def check_before_start(model_cfg: Any) -> None:
+    """Problems visible in the launcher's environment, before any process group forms."""
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if cpu and os.environ.get("MASTER_ADDR") and launched_processes() == 1 and "LOCAL_RANK" not in os.environ:
+        # accelerate launch --cpu --num_processes N sets MASTER_ADDR for N > 1, yet starts one process
+        # unless it is given an MPI hostfile
+        raise UserError(
+            "accelerate launch --cpu --num_processes N started one process, not N (without --mpirun_hostfile it "
+            "runs a single one); use accelerate launch --multi_gpu --num_processes N -m engine RECIPE, which trains "
+            "on CPU when the machine has no GPU (on a GPU machine, put ACCELERATE_USE_CPU=true in front)"
+        )
+    check_device_map(model_cfg, launched_processes())
+
+
+def check_started(model_cfg: Any, accelerator: Any) -> None:
+    """Problems visible once Accelerate has started: device_map with several processes, FSDP on CPU."""
+    check_device_map(model_cfg, accelerator.num_processes)
+    check_fsdp(accelerator)
+
+
 def check_device_map(model_cfg: Any, processes: int) -> None:
     """model.device_map = "auto" needs a model from model.base and exactly one process."""
     if not model_cfg.device_map:

@@ -130,10 +130,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     cfg, out = recipe.train, check_output_dir(recipe)
-    distributed.check_device_map(recipe.model, distributed.launched_processes())
+    distributed.check_before_start(recipe.model)
     accelerator = Accelerator(mixed_precision=choose_precision(cfg.precision), **distributed.accelerator_options())
-    distributed.check_device_map(recipe.model, accelerator.num_processes)
-    distributed.check_fsdp(accelerator)
+    distributed.check_started(recipe.model, accelerator)
     set_seed(cfg.seed)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
 

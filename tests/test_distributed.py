@@ -139,6 +139,16 @@ def test_device_map_auto_with_several_processes_is_exit_2(tmp_path, tiny_model_d
     assert "Traceback" not in result.stderr
 
 
+def test_accelerate_launch_cpu_that_started_one_process_of_several_is_exit_2(tmp_path):
+    # what `accelerate launch --cpu --num_processes 2` gives its single process (no MPI hostfile)
+    path = write_recipe(_recipe(tmp_path), tmp_path / "r.toml")
+    env = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    result = run_cli(str(path), env=env, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: accelerate launch --cpu --num_processes N started one process, not N" in result.stderr
+    assert "use accelerate launch --multi_gpu --num_processes N" in result.stderr
+
+
 def test_device_map_auto_in_one_process_trains_and_saves(tmp_path, tiny_model_dir):
     recipe = _recipe(tmp_path, max_steps=2)
     recipe["model"] = {"base": str(tiny_model_dir), "device_map": "auto"}
