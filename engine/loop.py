@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from engine import checkpoint
 from engine import data as data_mod
+from engine import distributed
 from engine import interrupts
 from engine import model as model_mod
 from engine.context import EarlyStopDecision, TrainContext, TrainState
@@ -91,12 +92,17 @@ def evaluate(model: Any, accelerator: Any, blocks: list[torch.Tensor], batch_siz
     mine = blocks[accelerator.process_index :: accelerator.num_processes]
     nats = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    for start in range(0, len(mine), batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in data_mod.collate(mine[start : start + batch_size], pad_id).items()}
+    # Every process runs the same number of forward passes (FSDP's are collective); a process whose
+    # share ran out runs its last batch again and does not count it.
+    per_process = -(-len(blocks) // accelerator.num_processes)
+    for start in range(0, per_process, batch_size):
+        part = mine[start : start + batch_size]
+        batch = {k: v.to(accelerator.device) for k, v in data_mod.collate(part or blocks[:1], pad_id).items()}
         with accelerator.autocast():
             loss, n = token_loss_sum(model, batch)
-        nats += loss.double()
-        tokens += n
+        if part:
+            nats += loss.double()
+            tokens += n
     nats = accelerator.reduce(nats, "sum").item()
     tokens = int(accelerator.reduce(tokens, "sum").item())
     model.train()
@@ -137,7 +143,9 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg, out = recipe.train, check_output_dir(recipe)
     resume_from = checkpoint.resume_point(cfg, out)
-    accelerator = Accelerator(mixed_precision=choose_precision(cfg.precision))
+    distributed.check_before_start(recipe.model)
+    accelerator = Accelerator(mixed_precision=choose_precision(cfg.precision), **distributed.accelerator_options())
+    distributed.check_started(recipe.model, accelerator)
     set_seed(cfg.seed)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
 
@@ -330,11 +338,8 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
         due = cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0
         if epoch_end or due or state.step == total_steps:
             stop = run_evaluation() or stop
-        if context.stop_reason:
-            accelerator.set_trigger()
-        if accelerator.check_trigger():
+        if distributed.agree_stop(accelerator, context):  # any process asked: all stop after this step
             stop = True
-            context.request_stop("stop requested by another process")
         signum = signals.pending(accelerator)
         if epoch_end or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0) or signum:
             last_checkpoint = save_checkpoint()
@@ -350,12 +355,10 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
         last_eval = evaluate(model, accelerator, val_blocks, cfg.batch_size, pad_id, val_chars)
         emit(last_eval, "eval")
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_model(unwrapped, tokenizer, out / "final")
+    save_model(unwrapped, tokenizer, out / "final", accelerator, model)
     if early_stopping and best_weights is not None:
         restore_trainable(unwrapped, best_weights)  # the run ends holding its best weights
-        if accelerator.is_main_process:
-            save_model(unwrapped, tokenizer, out / "best")
+        save_model(unwrapped, tokenizer, out / "best", accelerator, model)
     summary = {
         "val_loss": last_eval.get("val_loss"),
         "perplexity": last_eval.get("perplexity"),
@@ -379,7 +382,9 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
     if accelerator.is_main_process:
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     plugins.hook.on_train_end(context=context, summary=summary)
-    if cfg.sample_prompt and accelerator.is_main_process:
+    if cfg.sample_prompt and not distributed.can_generate_alone(accelerator):
+        log(f"\nno sample: the weights are sharded (FSDP); run python -m engine generate {out} --prompt ...")
+    elif cfg.sample_prompt and accelerator.is_main_process:
         from engine.generate import generate_text
 
         text = generate_text(unwrapped, tokenizer, plugins, cfg.sample_prompt, max_new_tokens=cfg.sample_max_new_tokens)
@@ -389,12 +394,18 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
     return summary
 
 
-def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
-    """save_pretrained (safetensors) of the model or LoRA adapter, plus the tokenizer."""
+def save_model(model: Any, tokenizer: Any, folder: Path, accelerator: Any, wrapped: Any) -> None:
+    """save_pretrained (safetensors) of the model or LoRA adapter, plus the tokenizer, by the main process.
+
+    Called on every process: under FSDP the full weights are gathered from all of them first.
+    """
+    state_dict = distributed.full_state_dict(accelerator, wrapped)
+    if not accelerator.is_main_process:
+        return
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(str(tmp))
     if folder.exists():
         shutil.rmtree(folder)

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import pluggy
 
-from engine import hookspecs
+from engine import hookspecs, schema
 from engine.errors import UserError
 
 ENTRY_POINT_GROUP = "tunesmith"
@@ -169,15 +169,21 @@ class Plugins:
         self._callers: dict[tuple[str, str], Any] = {}
         for sel in self.selected:
             cls = sel.info.load()
+            where = f"plugin '{sel.name}' from package {sel.info.package}"
             try:
                 sel.instance = cls(sel.options) if getattr(cls, "Options", None) is not None else cls()
+            except Exception as exc:  # somebody else's constructor
+                raise UserError(f"{where} failed to start: {type(exc).__name__}: {exc}") from None
+            try:
                 self.pm.register(sel.instance, name=sel.name)
             except pluggy.PluginValidationError as exc:
-                raise UserError(f"plugin '{sel.name}' from package {sel.info.package}: {exc}") from None
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            raise UserError(f"{exc} (a method marked @hookimpl whose name is not a hook)") from None
+                raise UserError(f"{where}: {exc}") from None
+            hooks = [n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), f"{hookspecs.PROJECT}_spec")]
+            unknown = [n for n in dir(type(sel.instance))
+                       if n not in hooks and self.pm.parse_hookimpl_opts(sel.instance, n) is not None]
+            if unknown:
+                raise UserError(*(f"{where}: method {n}() is marked @hookimpl but there is no hook {n}"
+                                  f"{schema.did_you_mean(n, hooks)}" for n in unknown))
 
     @property
     def hook(self) -> Any:
@@ -282,7 +288,12 @@ def select(
                     errors.append(f"{origin_of(name)}: {name}: plugin '{name}' takes no options")
                 chosen.append(Selected(info, None))
                 continue
+            if not dataclasses.is_dataclass(options_schema):
+                errors.append(f"{origin_of(kind.slot)}: {key}: plugin '{name}' from package {info.package}: its Options is not a dataclass; decorate it with @dataclass")
+                continue
             options, option_errors = schema.validate(table, options_schema, f"{name}.", origin_of(name))
+            if info.package != BUILTIN_PACKAGE:
+                option_errors = [f"{e} (an option of plugin '{name}' from package {info.package})" for e in option_errors]
             errors.extend(option_errors)
             chosen.append(Selected(info, options))
     for name in tables:

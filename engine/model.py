@@ -93,6 +93,7 @@ def load_model(model_cfg: Any, tokenizer: Any) -> Any:
             trust_remote_code=model_cfg.trust_remote_code,
             attn_implementation=model_cfg.attention,
             dtype=torch.float32,
+            **({"device_map": model_cfg.device_map} if model_cfg.device_map else {}),
         )
     except OSError:
         if os.path.isdir(base):

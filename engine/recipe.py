@@ -27,6 +27,7 @@ class ModelSection:
     tokenizer_vocab_size: int = opt(4096, "vocabulary size of the BPE tokenizer trained for a model built from model.config", min=256)
     trust_remote_code: bool = opt(False, "allow custom model code from the hub (off unless you trust it)")
     attention: Literal["sdpa", "eager"] = opt("sdpa", "attention implementation")
+    device_map: Literal["", "auto"] = opt("", "\"auto\": one process spreads a model.base too large for one GPU over every GPU it sees (from_pretrained's device_map); not with several processes")
 
 
 @dataclass

@@ -1,17 +1,28 @@
 """Helpers for testing plugins: register a plugin class for the duration of a test, write a tiny
-text corpus and run a tiny recipe on CPU in seconds.
+text corpus, run a tiny recipe on CPU in seconds, in this process or in several processes.
 
-    from engine.testing import inline_plugin, tiny_recipe, run_recipe
+    from engine.testing import inline_plugin, launch, run_recipe, tiny_recipe, write_recipe
 
     def test_my_sink(tmp_path):
         with inline_plugin("sink", "mysink", MySink):
             summary = run_recipe(tiny_recipe(tmp_path, sinks=["mysink"]))
+
+    def test_my_installed_sink_with_two_processes(tmp_path):
+        path = write_recipe(tiny_recipe(tmp_path, sinks=["mysink"]), tmp_path / "recipe.toml")
+        result = launch(path, processes=2)          # accelerate launch ... -m engine, on CPU
+        assert result.returncode == 0, result.stderr
+
+inline_plugin only reaches this process: in `launch` the plugin must be installed (an entry point).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -72,3 +83,47 @@ def run_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     from engine import recipe as recipe_mod
 
     return loop.train(recipe_mod.from_dict(recipe, "(test recipe)"))
+
+
+def write_recipe(recipe: dict[str, Any], path: Path) -> Path:
+    """Write a recipe dict (e.g. from tiny_recipe) as a TOML file, for the command line or `launch`."""
+    from engine import tomlfile
+
+    path = Path(path)
+    path.write_text(tomlfile.dumps(recipe), encoding="utf-8")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    recipe_path: Path | str, *overrides: str, processes: int = 2, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Train a recipe file with `accelerate launch --multi_gpu --num_processes N -m engine`, on CPU (gloo).
+
+    Returns the finished launcher (text stdout and stderr, every process's output mixed). `env` adds
+    variables, e.g. {"PYTHONPATH": folder} for a plugin package installed with pip --target. A run
+    that outlives `timeout` seconds (a hang) raises subprocess.TimeoutExpired after the processes
+    are killed.
+    """
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    command = [*accelerate, "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               "-m", "engine", str(recipe_path), *overrides]
+    from engine.distributed import has_accelerator_device
+
+    # Without a GPU the engine trains on CPU by itself (engine.distributed.accelerator_options).
+    cpu = {"ACCELERATE_USE_CPU": "true"} if has_accelerator_device() else {}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **cpu, **(env or {})}
+    with subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # the launcher and every process it started
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def fake_package(root, name, entry_points, modules):
+    """A package visible to importlib.metadata: a dist-info folder plus modules, under `root` (for PYTHONPATH)."""
+    root.mkdir(parents=True, exist_ok=True)
+    info = root / f"{name}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.2.3\n")
+    lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[tunesmith]\n{lines}\n")
+    for mod, source in modules.items():
+        (root / f"{mod}.py").write_text(textwrap.dedent(source))
+    return root

@@ -10,20 +10,7 @@ from engine import hookimpl
 from engine.errors import UserError
 from engine.schema import opt
 from engine.testing import inline_plugin, run_recipe, tiny_recipe
-from tests.conftest import run_cli
-
-
-def fake_package(root, name, entry_points, modules):
-    """A package visible to importlib.metadata: a dist-info folder plus modules, under `root` (for PYTHONPATH)."""
-    root.mkdir(parents=True, exist_ok=True)
-    info = root / f"{name}-1.2.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.2.3\n")
-    lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[tunesmith]\n{lines}\n")
-    for mod, source in modules.items():
-        (root / f"{mod}.py").write_text(textwrap.dedent(source))
-    return root
+from tests.conftest import fake_package, run_cli
 
 
 def test_plugins_command_lists_builtins_with_package_and_summary():
@@ -115,6 +102,28 @@ def test_broken_third_party_plugin_breaks_only_recipes_selecting_it(tmp_path):
     assert "brokenpkg 1.2.3" in listing.stdout and "fails to import" in listing.stdout
 
 
+def test_third_party_hook_with_wrong_signature_names_its_package(tmp_path):
+    root = fake_package(
+        tmp_path / "site", "sigpkg", {"sink.badsig": "sigmod:BadSig"},
+        {"sigmod": """
+            from engine import hookimpl
+
+            class BadSig:
+                \"\"\"log_metrics with an argument the hook does not have.\"\"\"
+                @hookimpl
+                def log_metrics(self, metrics, step, phase, colour):
+                    pass
+        """},
+    )
+    recipe = tmp_path / "r.toml"
+    out = tmp_path / "run"
+    recipe.write_text(f'sinks = ["badsig"]\n[data]\ntrain = "a.txt"\n[train]\noutput_dir = "{out}"\n')
+    result = run_cli(str(recipe), env={"PYTHONPATH": str(root)})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: plugin 'badsig' from package sigpkg: " in result.stderr and "colour" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_third_party_plugin_from_entry_point_runs(tmp_path):
     root = fake_package(
         tmp_path / "site", "countpkg", {"callback.counter": "countmod:Counter"},
@@ -147,3 +156,28 @@ def test_third_party_plugin_from_entry_point_runs(tmp_path):
     result = run_cli(str(path), env={"PYTHONPATH": str(root)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "n.json").read_text()) == {"steps": 8}
+
+
+def test_hookimpl_that_is_no_hook_and_broken_constructor_name_the_package(tmp_path):
+    class Typo:
+        """A misspelled hook."""
+
+        @hookimpl
+        def on_step_ends(self, context, metrics):
+            pass
+
+    class Explodes:
+        """Fails in __init__."""
+
+        def __init__(self):
+            raise RuntimeError("no licence key")
+
+    with inline_plugin("callback", "typo", Typo), inline_plugin("callback", "explodes", Explodes):
+        with pytest.raises(UserError) as info:
+            run_recipe(tiny_recipe(tmp_path, callbacks=["typo"]))
+        assert str(info.value) == (
+            "plugin 'typo' from package (inline): method on_step_ends() is marked @hookimpl but there is no hook "
+            "on_step_ends (did you mean on_step_end?)"
+        )
+        with pytest.raises(UserError, match=r"plugin 'explodes' from package \(inline\) failed to start: RuntimeError: no licence key"):
+            run_recipe(tiny_recipe(tmp_path / "b", callbacks=["explodes"]))

@@ -1,0 +1,242 @@
+"""Every hook specification is called by the engine: one test per hook, named test_hook_<hook>.
+
+One tiny run selects a recording plugin in every slot; each test checks the calls of its hook and
+their effect. The meta-test at the end fails when a hook is added to engine/hookspecs.py without a
+test here or without its signature in the README.
+"""
+
+import random
+import re
+from contextlib import ExitStack
+
+import pytest
+import torch
+
+from engine import docs, hookimpl
+from engine.context import EarlyStopDecision
+from engine.manager import Plugins
+from engine.testing import inline_plugin, run_recipe, tiny_recipe
+from tests.conftest import REPO
+
+CALLS: dict[str, list[dict]] = {}
+
+
+def record(hook, **kwargs):
+    CALLS.setdefault(hook, []).append(kwargs)
+
+
+class RecAugment:
+    @hookimpl
+    def augment_document(self, text, rng, vocabulary):
+        record("augment_document", text=text, rng=rng, vocabulary=vocabulary)
+        return text.upper()
+
+
+class RecOptimizer:
+    @hookimpl
+    def create_optimizer(self, param_groups, learning_rate, device):
+        optimizer = torch.optim.SGD(param_groups, lr=learning_rate)
+        record("create_optimizer", param_groups=param_groups, learning_rate=learning_rate, device=device, result=optimizer)
+        return optimizer
+
+
+class RecScheduler:
+    @hookimpl
+    def create_scheduler(self, optimizer, total_steps):
+        record("create_scheduler", optimizer=optimizer, total_steps=total_steps)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+
+
+class RecEarlyStop:
+    @hookimpl
+    def early_stopping_check(self, metrics, step):
+        record("early_stopping_check", metrics=dict(metrics), step=step)
+        return EarlyStopDecision(improved=step in (2, 4), stop=step >= 6, reason="recorded stop")
+
+
+class RecSink:
+    @hookimpl
+    def log_metrics(self, metrics, step, phase):
+        record("log_metrics", metrics=dict(metrics), step=step, phase=phase)
+
+
+class RecDecoding:
+    @hookimpl
+    def generation_kwargs(self, tokenizer):
+        record("generation_kwargs", tokenizer=tokenizer)
+        return {"do_sample": False}
+
+    @hookimpl
+    def logits_processors(self, tokenizer):
+        def processor(input_ids, scores):
+            record("logits_processor_applied", length=input_ids.shape[1])
+            return scores
+
+        record("logits_processors", tokenizer=tokenizer)
+        return [processor]
+
+
+class RecCallback:
+    def __init__(self):
+        self.steps = 0
+
+    @hookimpl
+    def on_train_start(self, context):
+        record("on_train_start", step=context.state.step, total_steps=context.total_steps, main=context.is_main_process)
+
+    @hookimpl
+    def on_step_end(self, context, metrics):
+        self.steps += 1
+        record("on_step_end", step=context.state.step, metrics=dict(metrics))
+
+    @hookimpl
+    def on_evaluate(self, context, metrics):
+        record("on_evaluate", step=context.state.step, metrics=dict(metrics))
+
+    @hookimpl
+    def on_train_end(self, context, summary):
+        record("on_train_end", summary=dict(summary), final_written=(context.output_dir / "final").is_dir())
+
+    @hookimpl
+    def plugin_state(self):
+        record("plugin_state")
+        return {"steps": self.steps}
+
+    @hookimpl
+    def load_plugin_state(self, state):
+        record("load_plugin_state", state=state)
+        self.steps = state["steps"]
+
+
+PLUGINS = [
+    ("augmentation", "rec_augment", RecAugment), ("optimizer", "rec_optimizer", RecOptimizer),
+    ("scheduler", "rec_scheduler", RecScheduler), ("early_stopping", "rec_stop", RecEarlyStop),
+    ("sink", "rec_sink", RecSink), ("decoding", "rec_decoding", RecDecoding), ("callback", "rec_callback", RecCallback),
+]
+
+
+def _recipe(folder):
+    return tiny_recipe(
+        folder, augmentations=["rec_augment"], optimizer="rec_optimizer", scheduler="rec_scheduler",
+        early_stopping="rec_stop", sinks=["rec_sink"], decoding="rec_decoding", callbacks=["rec_callback"],
+        train={"max_steps": 8, "eval_every_steps": 2, "learning_rate": 0.2, "sample_prompt": "The boat",
+               "sample_max_new_tokens": 5, "log_every_steps": 1},
+    )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hooks")
+    CALLS.clear()
+    with ExitStack() as stack:
+        for kind, name, cls in PLUGINS:
+            stack.enter_context(inline_plugin(kind, name, cls))
+        summary = run_recipe(_recipe(folder))
+    return {"summary": summary, "folder": folder, "calls": {k: list(v) for k, v in CALLS.items()}}
+
+
+def test_hook_augment_document(run):
+    calls = run["calls"]["augment_document"]
+    corpus = (run["folder"] / "corpus.txt").read_text()
+    documents = [d for d in corpus.split("\n\n") if d.strip()]
+    assert len(calls) == len(documents) - round(len(documents) * 0.1)  # every training document, no validation one
+    assert all(c["text"] in corpus and isinstance(c["rng"], random.Random) for c in calls)
+    assert calls[0]["vocabulary"] == sorted(set(calls[0]["vocabulary"])) and "harbour" in calls[0]["vocabulary"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run["folder"] / "run" / "final")
+    assert any(re.search("[A-Z]{2}", token) for token in tokenizer.get_vocab())  # learned from the upper-case copies
+    assert not re.search("[A-Z]{2}", corpus)
+
+
+def test_hook_create_optimizer(run):
+    (call,) = run["calls"]["create_optimizer"]
+    assert call["learning_rate"] == 0.2 and call["device"].type == "cpu"
+    assert [g["weight_decay"] for g in call["param_groups"]] == [0.01, 0.0]
+    assert isinstance(call["result"], torch.optim.SGD)
+
+
+def test_hook_create_scheduler(run):
+    (call,) = run["calls"]["create_scheduler"]
+    assert call["total_steps"] == 8 and call["optimizer"] is run["calls"]["create_optimizer"][0]["result"]
+    assert {m["metrics"]["lr"] for m in run["calls"]["on_step_end"]} == {0.1}  # the plugin's schedule: 0.5 x 0.2
+
+
+def test_hook_early_stopping_check(run):
+    calls = run["calls"]["early_stopping_check"]
+    assert [c["step"] for c in calls] == [2, 4, 6] and all("val_loss" in c["metrics"] for c in calls)
+    summary = run["summary"]
+    assert summary["steps"] == 6 and summary["stopped_early"] and summary["stop_reason"] == "recorded stop"
+    assert summary["best_step"] == 4 and (run["folder"] / "run" / "best" / "model.safetensors").exists()
+
+
+def test_hook_log_metrics(run):
+    calls = run["calls"]["log_metrics"]
+    assert [c["step"] for c in calls if c["phase"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [c["step"] for c in calls if c["phase"] == "eval"] == [2, 4, 6]
+    assert calls[-1]["phase"] == "summary" and calls[-1]["metrics"]["steps"] == 6
+
+
+def test_hook_generation_kwargs(run):
+    (call,) = run["calls"]["generation_kwargs"]
+    assert call["tokenizer"].eos_token == "<|endoftext|>"
+
+
+def test_hook_logits_processors(run):
+    assert len(run["calls"]["logits_processors"]) == 1
+    applied = run["calls"]["logits_processor_applied"]
+    assert 1 <= len(applied) <= 5 and applied == sorted(applied, key=lambda c: c["length"])  # once per new token
+
+
+def test_hook_on_train_start(run):
+    assert run["calls"]["on_train_start"] == [{"step": 0, "total_steps": 8, "main": True}]
+
+
+def test_hook_on_step_end(run):
+    calls = run["calls"]["on_step_end"]
+    assert [c["step"] for c in calls] == [1, 2, 3, 4, 5, 6]
+    assert all({"loss", "lr", "grad_norm", "tokens_seen"} <= c["metrics"].keys() for c in calls)
+
+
+def test_hook_on_evaluate(run):
+    calls = run["calls"]["on_evaluate"]
+    assert [c["step"] for c in calls] == [2, 4, 6]
+    assert all({"val_loss", "perplexity", "val_bpc", "val_tokens"} <= c["metrics"].keys() for c in calls)
+
+
+def test_hook_on_train_end(run):
+    (call,) = run["calls"]["on_train_end"]
+    assert call["final_written"] and call["summary"] == run["summary"]
+
+
+def _plugins(tmp_path):
+    from engine import recipe as recipe_mod
+
+    with inline_plugin("callback", "rec_callback", RecCallback):
+        recipe = recipe_mod.from_dict(tiny_recipe(tmp_path, callbacks=["rec_callback"]), "(test)")
+        return Plugins(recipe.plugins)
+
+
+def test_hook_plugin_state(tmp_path):
+    """What a checkpoint keeps of each plugin (engine.manager.Plugins.states)."""
+    plugins = _plugins(tmp_path)
+    for step in (1, 2, 3):
+        plugins.hook.on_step_end(context=type("C", (), {"state": type("S", (), {"step": step})})(), metrics={})
+    assert plugins.states() == {"rec_callback": {"steps": 3}}
+
+
+def test_hook_load_plugin_state(tmp_path):
+    """A resumed run hands each plugin its saved state (engine.manager.Plugins.load_states)."""
+    plugins = _plugins(tmp_path)
+    assert plugins.load_states({"rec_callback": {"steps": 7}}) == []
+    assert plugins.states() == {"rec_callback": {"steps": 7}}
+    assert _plugins(tmp_path).load_states({}) == ["rec_callback"]  # a stateful plugin with nothing saved is named
+
+
+def test_every_hook_has_a_test_here_and_its_signature_in_the_readme():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    hooks = docs.hook_signatures()
+    assert len(hooks) >= 13
+    for name, signature, _ in hooks:
+        assert callable(globals().get(f"test_hook_{name}")), f"hook {name} has no test_hook_{name} in tests/test_hooks.py"
+        assert f"{name}{signature}" in readme, f"hook {name} is not in README.md: run python -m engine.docs"
