@@ -59,7 +59,8 @@ class TrainSection:
     log_every_steps: int = opt(10, "send training metrics to the sinks every N optimizer steps", min=1)
     overwrite: bool = opt(False, "allow replacing a finished run in output_dir")
     sample_prompt: str = opt("", "after training, generate from this prompt and print it (empty: no sample)")
-    sample_max_new_tokens: int = opt(60, "tokens to generate for the sample", min=1)
+    sample_prompts: list[str] = opt([], "at each evaluation, generate from each of these prompts: appended to samples.jsonl in the run folder and sent to the sinks")
+    sample_max_new_tokens: int = opt(60, "tokens to generate for each sample (sample_prompt and sample_prompts)", min=1)
 
 
 @dataclass
