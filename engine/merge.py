@@ -5,6 +5,7 @@ transformers loads with AutoModelForCausalLM.from_pretrained(OUT_DIR).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from engine import runfolder
@@ -26,11 +27,13 @@ def merge(run_dir: str | Path, out_dir: str | Path) -> Path:
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: exists and is not an empty folder; give a new or empty folder for the merged model")
-    try:
-        model = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype=torch.float32)
-    except OSError as exc:
-        raise UserError(f"{adapter}: could not load the adapter's base model ({exc}); is the base model still where the run found it?") from None
-    merged = model.merge_and_unload()
+    with warnings.catch_warnings():  # libraries' deprecation notices about each other are not the user's business
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            model = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype=torch.float32)
+        except OSError as exc:
+            raise UserError(f"{adapter}: could not load the adapter's base model ({exc}); is the base model still where the run found it?") from None
+        merged = model.merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter))
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out), safe_serialization=True)

@@ -18,7 +18,7 @@ IGNORED_KEYS = ("train.output_dir", "train.overwrite")
 def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in table.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):  # an empty table adds no key
             out.update(_flat(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
