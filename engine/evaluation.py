@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -84,7 +85,9 @@ def evaluate_text(model_path: str, data: str, max_length: int = 0, batch_size: i
     documents, _ = data_mod.load_documents(data, "--data", data_cfg)
     if not documents:
         raise UserError(f"--data: '{data}' holds no text")
-    model, tokenizer = model_mod.load_trained(folder)
+    with warnings.catch_warnings():  # libraries' deprecation notices about each other are not the user's business
+        warnings.simplefilter("ignore", FutureWarning)
+        model, tokenizer = model_mod.load_trained(folder)
     if torch.cuda.is_available():
         model.to("cuda")
     limit = model_mod.context_length(model)
