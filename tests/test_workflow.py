@@ -174,6 +174,7 @@ def test_eval_matches_transformers_on_a_model_folder(tiny_model_dir, tmp_path, c
         if max_length == 128:  # once as a user runs it
             result = run_cli("eval", *args, "--json")
             assert result.returncode == 0, result.stderr[-3000:]
+            assert "\r" not in result.stderr and "Loading weights" not in result.stderr  # no progress bar in a pipe
             got = json.loads(result.stdout)
         else:
             got = eval_json(capsys, *args)
