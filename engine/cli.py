@@ -4,6 +4,9 @@
     python -m engine check RECIPE [key=value ...]      validate, print the resolved recipe and plugins
     python -m engine plugins                           list installed plugins
     python -m engine generate RUN_DIR --prompt TEXT [key=value ...]
+    python -m engine eval RUN_DIR|MODEL_DIR --data PATH [--json]   loss, perplexity, bits/char of a text
+    python -m engine merge RUN_DIR OUT_DIR                    LoRA adapter + base -> standalone model
+    python -m engine runs DIR... [--plot FILE.png]            finished runs side by side
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Sequence
 
 from engine.errors import Interrupted, RunFailed, UserError
 
-COMMANDS = ("train", "check", "plugins", "generate")
+COMMANDS = ("train", "check", "plugins", "generate", "eval", "merge", "runs")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,11 +36,33 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="final", help="which model of the run: final (default), best, or a path")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
     g.add_argument("overrides", nargs="*", metavar="key=value", help="decoding overrides, e.g. decoding=greedy sampling.temperature=0.9")
+    e = sub.add_parser("eval", help="loss, perplexity and bits per character of a model on a text file or dataset")
+    e.add_argument("model", metavar="RUN_DIR|MODEL_DIR", help="a run folder (uses final/), or a model or adapter folder (final/, best/, a checkpoint)")
+    e.add_argument("--data", required=True, help="a text file, glob, folder or datasets name (as data.train takes)")
+    e.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
+    e.add_argument("--max-length", type=int, default=0, help="tokens per block (default: the run's data.max_length, else the model's context up to 1024)")
+    e.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default 8)")
+    m = sub.add_parser("merge", help="merge a run's LoRA adapter into its base model and save a standalone model")
+    m.add_argument("run_dir", help="a LoRA run folder (uses final/), or an adapter folder")
+    m.add_argument("out_dir", help="a new or empty folder for the merged model")
+    r = sub.add_parser("runs", help="compare finished runs: key metrics and the recipe keys that differ")
+    r.add_argument("run_dirs", nargs="+", metavar="DIR", help="run folders (each with metrics.json)")
+    r.add_argument("--plot", metavar="FILE.png", help="also draw their validation loss curves into this PNG file")
     return p
+
+
+def quiet_progress_bars_off_terminal() -> None:
+    """Progress bars of the Hugging Face libraries (downloads, dataset building, shard loading) and any
+    other tqdm bar are carriage-return garbage in a log file: turn them off when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_progress_bars_off_terminal()
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv = ["train", *argv]  # `python -m engine recipe.toml` trains
     parser = _parser()
@@ -60,6 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plugins()
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "merge":
+            return cmd_merge(args)
+        if args.command == "runs":
+            return cmd_runs(args)
     except UserError as exc:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
@@ -96,12 +127,9 @@ def cmd_train(path: str, overrides: list[str]) -> int:
     recipe = recipe_mod.load(path, overrides)
     summary = loop.train(recipe)
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        out = recipe.train.output_dir
-        print(
-            f"done: {summary['steps']} steps, val_loss {summary['val_loss']:.4f}, perplexity {summary['perplexity']:.2f}, "
-            f"{summary['val_bpc']:.3f} bits/char, {summary['tokens_per_second']:,.0f} tokens/s, "
-            f"{summary['wall_seconds']:.1f} s. Model: {out}/final, metrics: {out}/metrics.json"
-        )
+        from engine.report import summary_table
+
+        print("\n" + summary_table(summary, Path(recipe.train.output_dir)))
     return 0
 
 
@@ -154,4 +182,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(args.prompt, end="", flush=True)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     generate.generate_text(model, tokenizer, plugins, args.prompt, streamer=streamer)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from engine import evaluation
+
+    if args.max_length < 0 or args.max_length == 1 or args.batch_size < 1:
+        raise UserError("--max-length must be 2 or more (0: the default) and --batch-size 1 or more")
+    result = evaluation.evaluate_text(args.model, args.data, args.max_length, args.batch_size)
+    print(json.dumps(result, indent=2) if args.json else evaluation.result_table(result))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from engine import merge
+
+    adapter = merge.merge(args.run_dir, args.out_dir)
+    print(f"merged {adapter} into its base model: {args.out_dir} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from engine import runs
+
+    print(runs.compare(args.run_dirs))
+    if args.plot:
+        runs.plot(args.run_dirs, args.plot)
+        print(f"validation curves: {args.plot}")
     return 0

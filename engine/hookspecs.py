@@ -92,6 +92,18 @@ def log_metrics(metrics: dict[str, float], step: int, phase: str) -> None:
     """
 
 
+@hookspec
+def log_samples(samples: list[dict[str, Any]], step: int) -> None:
+    """Record sample generations (train.sample_prompts), made at each evaluation.
+
+    samples: one dict per prompt: "step" (int), "prompt" (str) and "text" (the continuation,
+    without the prompt); the engine has already appended them to samples.jsonl in the run folder.
+    step: the optimizer step of the evaluation.
+    Returns nothing; every sink that implements it is called (a wandb sink shows them as a table).
+    Called on the main process only.
+    """
+
+
 # ---------------------------------------------------------------- kind: decoding
 @hookspec(firstresult=True)
 def generation_kwargs(tokenizer: Any) -> dict[str, Any]:

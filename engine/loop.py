@@ -22,20 +22,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from engine import checkpoint
 from engine import data as data_mod
 from engine import distributed
 from engine import interrupts
+from engine.evaluation import evaluate, token_loss_sum  # noqa: F401  (also imported from here)
 from engine import model as model_mod
 from engine.context import EarlyStopDecision, TrainContext, TrainState
 from engine.errors import Interrupted, RunFailed, UserError
 from engine.manager import Plugins
 from engine.recipe import Recipe
-from engine import tomlfile
+from engine import report, tomlfile
+from engine.samples import sample_at_evaluation
 
-RUN_FILES = ("recipe.toml", "metrics.jsonl", "metrics.json", "final", "best", "checkpoints", "samples.txt")
+RUN_FILES = ("recipe.toml", "metrics.jsonl", "metrics.json", "final", "best", "checkpoints", "samples.txt", "samples.jsonl", "curves.png")
 
 
 # ------------------------------------------------------------------ run folder
@@ -74,47 +75,7 @@ def choose_precision(requested: str) -> str:
     return "no"
 
 
-# ------------------------------------------------------------------ loss and evaluation
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropy over a batch, and the number of target tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum", ignore_index=data_mod.IGNORE_INDEX
-    )
-    return loss, (targets != data_mod.IGNORE_INDEX).sum()
-
-
-@torch.no_grad()
-def evaluate(model: Any, accelerator: Any, blocks: list[torch.Tensor], batch_size: int, pad_id: int, n_chars: int) -> dict[str, float]:
-    """Mean token loss, perplexity and bits per character; each validation block counted once."""
-    model.eval()
-    mine = blocks[accelerator.process_index :: accelerator.num_processes]
-    nats = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    # Every process runs the same number of forward passes (FSDP's are collective); a process whose
-    # share ran out runs its last batch again and does not count it.
-    per_process = -(-len(blocks) // accelerator.num_processes)
-    for start in range(0, per_process, batch_size):
-        part = mine[start : start + batch_size]
-        batch = {k: v.to(accelerator.device) for k, v in data_mod.collate(part or blocks[:1], pad_id).items()}
-        with accelerator.autocast():
-            loss, n = token_loss_sum(model, batch)
-        if part:
-            nats += loss.double()
-            tokens += n
-    nats = accelerator.reduce(nats, "sum").item()
-    tokens = int(accelerator.reduce(tokens, "sum").item())
-    model.train()
-    val_loss = nats / max(1, tokens)
-    return {
-        "val_loss": val_loss,
-        "perplexity": math.exp(min(val_loss, 700)),
-        "val_bpc": data_mod.bits_per_character(nats, n_chars),
-        "val_tokens": tokens,
-    }
-
-
+# ------------------------------------------------------------------ loss and evaluation (engine/evaluation.py)
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
     """A CPU copy of the trainable weights (the adapter for LoRA, everything for full training)."""
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
@@ -215,11 +176,8 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
 
     context = TrainContext(recipe, accelerator, model, tokenizer, optimizer, scheduler, out, total_steps, TrainState())
     state = context.state
-    log(
-        f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%) | "
-        f"{len(train_blocks)} train blocks, {len(val_blocks)} val blocks of <= {recipe.data.max_length} tokens | "
-        f"{total_steps} steps of {global_batch} blocks | device {accelerator.device}, precision {accelerator.mixed_precision}"
-    )
+    for line in report.start_lines(recipe, accelerator, trainable, total, len(train_blocks), len(val_blocks), total_steps, out):
+        log(line)
     best_weights: dict[str, torch.Tensor] | None = None
     last_eval: dict[str, float] = {}
     train_seconds, window_tokens, window_start = 0.0, 0, time.perf_counter()
@@ -249,9 +207,12 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
         metrics = evaluate(model, accelerator, val_blocks, cfg.batch_size, tokenizer.pad_token_id, val_chars)
         metrics["epoch"] = state.epoch
         metrics["step"] = state.step
+        metrics["tokens_seen"] = state.tokens_seen
         last_eval = metrics
         emit(metrics, "eval")
         plugins.hook.on_evaluate(context=context, metrics=metrics)
+        if cfg.sample_prompts and accelerator.is_main_process:
+            sample_at_evaluation(context, plugins)
         decision = plugins.hook.early_stopping_check(metrics=metrics, step=state.step) if early_stopping else None
         if decision is None:
             improved = state.best_metric is None or metrics["val_loss"] < state.best_metric

@@ -36,7 +36,7 @@ KINDS: dict[str, Kind] = {
     "optimizer": Kind("optimizer", False, "create_optimizer", "adamw"),
     "scheduler": Kind("scheduler", False, "create_scheduler", "cosine"),
     "early_stopping": Kind("early_stopping", False, "early_stopping_check", ""),
-    "sink": Kind("sinks", True, "log_metrics", ["console", "jsonl"]),
+    "sink": Kind("sinks", True, "log_metrics", ["console", "jsonl", "curves"]),
     "decoding": Kind("decoding", False, "generation_kwargs", "sampling"),
     "callback": Kind("callbacks", True, None, []),
 }

@@ -64,7 +64,8 @@ class TrainSection:
     resume: str = opt("", "continue from a checkpoint: \"auto\" (the newest complete one in output_dir) or a checkpoint folder; empty: start fresh")
     on_nan: Literal["stop", "skip"] = opt("stop", "a NaN or infinite loss: stop naming the step (exit 1), or skip the step without an update and count it in skipped_steps")
     sample_prompt: str = opt("", "after training, generate from this prompt and print it (empty: no sample)")
-    sample_max_new_tokens: int = opt(60, "tokens to generate for the sample", min=1)
+    sample_prompts: list[str] = opt([], "at each evaluation, generate from each of these prompts: appended to samples.jsonl in the run folder and sent to the sinks")
+    sample_max_new_tokens: int = opt(60, "tokens to generate for each sample (sample_prompt and sample_prompts)", min=1)
 
 
 @dataclass

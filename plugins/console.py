@@ -65,3 +65,11 @@ class Console:
         elif phase == "eval":
             parts = [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
             self._line(f"eval @ step {step}: " + "  ".join(parts))
+
+    @hookimpl
+    def log_samples(self, samples, step):
+        if not self.active:
+            return
+        for sample in samples:
+            text = (sample["prompt"] + sample["text"]).replace("\r", "").replace("\n", "\\n")
+            self._line(f"sample @ step {step}: {text}")
