@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engine import advice
 from engine import data as data_mod
 from engine import model as model_mod
 from engine.context import EarlyStopDecision, TrainContext, TrainState
@@ -37,6 +38,9 @@ RUN_FILES = ("recipe.toml", "metrics.jsonl", "metrics.json", "final", "best", "c
 def check_output_dir(recipe: Recipe) -> Path:
     """Refuse to replace a finished run unless train.overwrite is set; then clear only run files."""
     out = Path(recipe.train.output_dir)
+    final_dir = recipe.train.final_dir
+    if not final_dir or Path(final_dir).name != final_dir or final_dir in (".", "..", "best", "checkpoints"):
+        raise UserError(f"train.final_dir: '{final_dir}' must be a plain folder name other than best or checkpoints (e.g. final)")
     finished = (out / "metrics.json").exists()
     if finished and not recipe.train.overwrite:
         raise UserError(
@@ -46,8 +50,8 @@ def check_output_dir(recipe: Recipe) -> Path:
     return out
 
 
-def clear_run_files(out: Path) -> None:
-    for name in RUN_FILES:
+def clear_run_files(out: Path, final_dir: str = "final") -> None:
+    for name in {*RUN_FILES, final_dir}:
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -130,12 +134,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     # 1. documents, checked before any model loads
     plugins = Plugins(recipe.plugins)
-    docs = data_mod.split_documents(recipe)
-    if plugins.of_kind("augmentation") and recipe.data.augment_copies:
-        vocabulary = data_mod.corpus_vocabulary(docs.train)
-        docs.train = data_mod.augment(
-            docs.train, recipe.data.augment_copies, lambda text, rng: plugins.augment(text, rng, vocabulary), cfg.seed
-        )
+    docs = data_mod.run_documents(recipe, plugins)  # split, then augment the training documents
 
     # 2. tokenizer, blocks, model
     tokenizer = model_mod.load_tokenizer(recipe.model, docs.train)
@@ -175,7 +174,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     if accelerator.is_main_process:
         if recipe.train.overwrite:
-            clear_run_files(out)
+            clear_run_files(out, cfg.final_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.toml").write_text(tomlfile.dumps(recipe.resolved()), encoding="utf-8")
     accelerator.wait_for_everyone()
@@ -198,6 +197,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     last_eval: dict[str, float] = {}
     train_seconds, window_tokens, window_start = 0.0, 0, time.perf_counter()
     loss_window: list[float] = []
+    loss_watch = advice.LossWatch(total_steps)
 
     def run_evaluation() -> bool:
         """Evaluate, track the best model; returns True when training should stop."""
@@ -264,6 +264,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
             "tokens_seen": state.tokens_seen,
             "epoch": state.epoch + state.step_in_epoch / per_epoch,
         }
+        note = loss_watch.update(state.step, loss, metrics["lr"], cfg.learning_rate)
+        if note:
+            log(note)
         if state.step % cfg.log_every_steps == 0 or state.step == total_steps:
             now = time.perf_counter()
             metrics["loss"] = sum(loss_window) / len(loss_window)
@@ -287,7 +290,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         last_eval = evaluate(model, accelerator, val_blocks, cfg.batch_size, pad_id, val_chars)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_model(unwrapped, tokenizer, out / "final")
+        save_model(unwrapped, tokenizer, out / cfg.final_dir)
     if early_stopping and best_weights is not None:
         restore_trainable(unwrapped, best_weights)  # the run ends holding its best weights
         if accelerator.is_main_process:

@@ -58,6 +58,7 @@ class TrainSection:
     eval_every_steps: int = opt(0, "evaluate every N optimizer steps as well as at each epoch end (0: epoch ends only)", min=0)
     log_every_steps: int = opt(10, "send training metrics to the sinks every N optimizer steps", min=1)
     overwrite: bool = opt(False, "allow replacing a finished run in output_dir")
+    final_dir: str = opt("final", "folder inside output_dir for the final model (the Python API names it final_model)")
     sample_prompt: str = opt("", "after training, generate from this prompt and print it (empty: no sample)")
     sample_max_new_tokens: int = opt(60, "tokens to generate for the sample", min=1)
 
