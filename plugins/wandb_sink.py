@@ -1,5 +1,6 @@
 """Weights & Biases sink: one wandb run per training run, logged from the main process only."""
 
+import os
 from dataclasses import dataclass
 
 from engine import hookimpl
@@ -33,7 +34,7 @@ class Wandb:
         try:
             # wandb itself reads WANDB_MODE, WANDB_DIR, WANDB_API_KEY, WANDB_PROJECT, ... from the environment.
             self.run = wandb.init(
-                project=o.project or None,
+                project=None if os.environ.get("WANDB_PROJECT") else (o.project or None),
                 entity=o.entity or None,
                 name=o.name or None,
                 tags=list(o.tags) or None,
