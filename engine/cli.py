@@ -103,7 +103,6 @@ def cmd_check(path: str, overrides: list[str]) -> int:
 def cmd_train(path: str, overrides: list[str]) -> int:
     from engine import loop
     from engine import recipe as recipe_mod
-
     from engine.advice import explain_out_of_memory
 
     recipe = recipe_mod.load(path, overrides)

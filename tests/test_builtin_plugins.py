@@ -286,6 +286,19 @@ def wandb_records(path):
     return records
 
 
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """WANDB_MODE=offline with WANDB_DIR in tmp_path. wandb reads its variables once per process (wandb.setup),
+    so the session is torn down before (new variables) and after (the service flushes the .wandb file)."""
+    import wandb
+
+    wandb.teardown()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    yield wandb.teardown
+
+
 def wandb_run(wandb_dir):
     (path,) = glob.glob(str(wandb_dir / "wandb" / "offline-run-*" / "*.wandb"))
     records = wandb_records(path)
@@ -298,13 +311,11 @@ def wandb_run(wandb_dir):
     return run, config, history
 
 
-def test_wandb_offline_run_holds_recipe_and_metrics_at_their_steps(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+def test_wandb_offline_run_holds_recipe_and_metrics_at_their_steps(tmp_path, offline_wandb):
     recipe = tiny_recipe(tmp_path, sinks=["jsonl", "wandb"], wandb={"project": "proj-x", "name": "run-y", "tags": ["a", "b"]},
                          train={"eval_every_steps": 3, "max_steps": 7, "log_every_steps": 2})
     run_recipe(recipe)
+    offline_wandb()
     run, config, history = wandb_run(tmp_path)
     assert run.project == "proj-x" and run.display_name == "run-y" and list(run.tags) == ["a", "b"]
     assert config["optimizer"] == "adamw" and config["train"]["max_steps"] == 7 and config["wandb"]["project"] == "proj-x"
@@ -459,14 +470,11 @@ class CaptureAll(CaptureWeights):
         CaptureWeights.captured = {n: t.detach().clone() for n, t in model.state_dict().items()}
 
 
-def test_done_when_recipe_with_every_kind_of_plugin_on_shakespeare(shared_data, tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_done_when_recipe_with_every_kind_of_plugin_on_shakespeare(shared_data, tiny_model_dir, tmp_path, offline_wandb, capsys):
     """word_swap + adamw8bit + cosine + patience + jsonl + wandb (offline) + sampling, on tinyshakespeare:
     stops once the validation loss turns, ends with the best weights (equal to best/), and generates text."""
     from safetensors.torch import load_file
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
     # small cuts of the files, so that the model overfits (and the validation loss turns) within seconds
     train = tmp_path / "train.txt"
     train.write_text((shared_data / "tinyshakespeare-train.txt").read_text(encoding="utf-8")[:5000], encoding="utf-8")
@@ -494,7 +502,47 @@ def test_done_when_recipe_with_every_kind_of_plugin_on_shakespeare(shared_data, 
     assert saved and all(torch.equal(saved[k], restored[k]) for k in saved)
     final = load_file(out / "final" / "model.safetensors")
     assert any(not torch.equal(final[k], saved[k]) for k in saved)
+    offline_wandb()
     _, _, history = wandb_run(tmp_path)
     assert [h["eval/val_loss"] for _, h in sorted(history.items()) if "eval/val_loss" in h] == pytest.approx(evals)
     sample = capsys.readouterr().out.split("sample: ROMEO:", 1)
     assert len(sample) == 2 and len(sample[1].strip()) > 5
+
+
+def test_patience_stops_every_process_at_the_same_step(tmp_path):
+    """Two processes (accelerate launch, CPU): evaluation metrics are reduced, so both ranks decide alike."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from engine import tomlfile
+    from tests.test_plugins import fake_package
+
+    root = fake_package(tmp_path / "site", "rankpkg", {"callback.rankend": "rankmod:RankEnd"}, {"rankmod": '''
+        import json
+        from engine import hookimpl
+
+        class RankEnd:
+            """Writes where each process stopped."""
+            @hookimpl
+            def on_train_end(self, context, summary):
+                rank, s = context.accelerator.process_index, context.state
+                (context.output_dir / f"rank{rank}.json").write_text(json.dumps(
+                    {"step": s.step, "best_step": s.best_step, "reason": context.stop_reason}))
+    '''})
+    recipe = tiny_recipe(tmp_path, early_stopping="patience", patience={"patience": 1}, callbacks=["rankend"],
+                         scheduler="constant", constant={"warmup_steps": 0},
+                         train={"learning_rate": 0.05, "max_steps": 30, "eval_every_steps": 1, "batch_size": 2})
+    path = tmp_path / "r.toml"
+    path.write_text(tomlfile.dumps(recipe))
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    result = subprocess.run([accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "engine", str(path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "run"
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["processes"] == 2 and summary["stopped_early"] and summary["steps"] < 30
+    assert ranks[0] == ranks[1] and ranks[0]["step"] == summary["steps"] and "patience" in ranks[0]["reason"]
