@@ -396,15 +396,17 @@ def test_min_p_adds_transformers_processor_and_matches_native_min_p(tmp_path, ti
     assert any(ours != plain for ours, plain in outputs)  # the cut changes what is sampled
 
 
-def test_generate_command_takes_strategy_from_arguments_and_streams(tmp_path):
-    run_recipe(tiny_recipe(tmp_path))
-    from engine.model import load_trained
+def test_generate_command_takes_strategy_from_recipe_or_arguments(tmp_path, tiny_model_dir, tiny_lm):
+    import shutil
 
-    model, tokenizer = load_trained(tmp_path / "run" / "final")
-    result = run_cli("generate", str(tmp_path / "run"), "--prompt", "The harbour", "decoding=greedy", "greedy.max_new_tokens=10")
+    model, tokenizer = tiny_lm
+    run = tmp_path / "run"  # a run folder: its recipe says greedy
+    shutil.copytree(tiny_model_dir, run / "final")
+    (run / "recipe.toml").write_text('decoding = "greedy"\n[greedy]\nmax_new_tokens = 10\n[data]\ntrain = "x.txt"\n')
+    result = run_cli("generate", str(run), "--prompt", "The harbour")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.rstrip("\n") == "The harbour" + _native(model, tokenizer, do_sample=False, max_new_tokens=10)
-    result = run_cli("generate", str(tmp_path / "run"), "--prompt", "The harbour", "decoding=beam", "beam.num_beams=2", "beam.max_new_tokens=8")
+    result = run_cli("generate", str(run), "--prompt", "The harbour", "decoding=beam", "beam.num_beams=2", "beam.max_new_tokens=8")
     assert result.returncode == 0, result.stderr[-2000:]
     expected = _native(model, tokenizer, do_sample=False, num_beams=2, no_repeat_ngram_size=2, early_stopping=True, max_new_tokens=8)
     assert result.stdout.rstrip("\n") == "The harbour" + expected
@@ -510,9 +512,8 @@ def test_done_when_recipe_with_every_kind_of_plugin_on_shakespeare(shared_data, 
 
 
 def test_patience_stops_every_process_at_the_same_step(tmp_path):
-    """Two processes (accelerate launch, CPU): evaluation metrics are reduced, so both ranks decide alike."""
+    """Two processes (torchrun, CPU, gloo): evaluation metrics are reduced, so both ranks decide alike."""
     import os
-    import shutil
     import subprocess
     import sys
 
@@ -536,10 +537,10 @@ def test_patience_stops_every_process_at_the_same_step(tmp_path):
                          train={"learning_rate": 0.05, "max_steps": 30, "eval_every_steps": 1, "batch_size": 2})
     path = tmp_path / "r.toml"
     path.write_text(tomlfile.dumps(recipe))
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    result = subprocess.run([accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "engine", str(path)],
+    # ACCELERATE_USE_CPU: on a host without GPUs, Accelerate only forms a CPU (gloo) process group when told to
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "engine", str(path)],
                             cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONPATH": str(root)})
+                            env={**os.environ, "PYTHONPATH": str(root), "ACCELERATE_USE_CPU": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "run"
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
