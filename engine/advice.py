@@ -45,40 +45,39 @@ class LossWatch:
     """Flags, once, a training loss that has not moved some steps after the learning-rate warmup.
 
     Warmup is over at the first step whose learning rate is not above the previous step's. `window`
-    steps later, the mean loss of those steps is compared with the loss of the first step: a relative
-    change below `tolerance` is flagged.
+    steps later (and no earlier than step 2 x window), the mean loss of the last `window` steps is
+    compared with the mean of the first `window` steps: a relative change below `tolerance` is flagged.
+    Means over several steps keep batch-to-batch noise out of the comparison.
     """
 
     def __init__(self, total_steps: int, tolerance: float = 0.01):
         self.window = max(3, total_steps // 20)
         self.tolerance = tolerance
-        self.first_loss: float | None = None
+        self.first: list[float] = []
+        self.recent: list[float] = []
         self.prev_lr: float | None = None
         self.warm_at: int | None = None
-        self.recent: list[float] = []
         self.done = False
 
     def update(self, step: int, loss: float, lr: float, learning_rate: float) -> str | None:
         """Feed one optimizer step; returns a warning line the first time the loss is found stuck."""
         if self.done:
             return None
-        if self.first_loss is None:
-            self.first_loss = loss
+        if len(self.first) < self.window:
+            self.first.append(loss)
+        self.recent = (self.recent + [loss])[-self.window :]
         if self.warm_at is None and self.prev_lr is not None and lr <= self.prev_lr:
             self.warm_at = step
         self.prev_lr = lr
-        if self.warm_at is None:
-            return None
-        self.recent = (self.recent + [loss])[-self.window :]
-        if step < self.warm_at + self.window:
+        if self.warm_at is None or step < max(self.warm_at + self.window, 2 * self.window):
             return None
         self.done = True
-        mean = sum(self.recent) / len(self.recent)
-        if abs(self.first_loss - mean) > self.tolerance * abs(self.first_loss):
+        start, now = sum(self.first) / len(self.first), sum(self.recent) / len(self.recent)
+        if abs(start - now) > self.tolerance * abs(start):
             return None
         return (
-            f"warning: the training loss has not moved ({self.first_loss:.4f} at step 1, {mean:.4f} on average over "
-            f"steps {step - len(self.recent) + 1}-{step}, after warmup ended at step {self.warm_at}). Check the learning "
-            f"rate (train.learning_rate = {learning_rate:g}: too low does nothing; also the scheduler's warmup) and the "
-            f"data (data.train: real text, not empty, repeated or mostly padding; data.max_length)"
+            f"warning: the training loss has not moved ({start:.4f} on average over steps 1-{len(self.first)}, "
+            f"{now:.4f} over steps {step - len(self.recent) + 1}-{step}, after warmup ended at step {self.warm_at}). "
+            f"Check the learning rate (train.learning_rate = {learning_rate:g}: too low does nothing; also the "
+            f"scheduler's warmup) and the data (data.train: real text, not empty, repeated or mostly padding; data.max_length)"
         )
