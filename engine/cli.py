@@ -1,5 +1,6 @@
 """Command line: `python -m engine [train|check|plugins|generate] ...`.
 
+    python -m engine                                   train with engine.CONFIG on ./data/*.txt (the original design)
     python -m engine RECIPE [key=value ...]            train (same as `train RECIPE`)
     python -m engine check RECIPE [key=value ...]      validate, print the resolved recipe and plugins
     python -m engine plugins                           list installed plugins
@@ -75,8 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized argument: {item}")
     try:
         if args.command is None:
-            _parser().print_help()
-            return 0
+            return cmd_default()
         if args.command == "check":
             return cmd_check(args.recipe, args.overrides)
         if args.command == "train":
@@ -107,6 +107,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def cmd_default() -> int:
+    """`python -m engine` alone: what the original `python language_model.py` did, with engine.CONFIG."""
+    from engine.api import CONFIG, LanguageModelTrainer, check_data_dir
+
+    print(
+        f"No recipe given: training like the original language_model.py with engine.CONFIG: base model "
+        f"{CONFIG['base_model']}, training text = the .txt files in ./{CONFIG['data_dir']}/, results in "
+        f"./{CONFIG['model_dir']}/final_model/. For recipes and other commands: python -m engine --help",
+        flush=True,
+    )
+    check_data_dir(CONFIG["data_dir"])
+    summary = LanguageModelTrainer().train()
+    print(f"done: {summary['steps']} steps, val_loss {summary['val_loss']:.4f}, perplexity {summary['perplexity']:.2f}. "
+          f"Model: {CONFIG['model_dir']}/final_model")
+    return 0
+
+
 def cmd_check(path: str, overrides: list[str]) -> int:
     from engine import recipe as recipe_mod
     from engine import tomlfile
@@ -123,13 +140,15 @@ def cmd_check(path: str, overrides: list[str]) -> int:
 def cmd_train(path: str, overrides: list[str]) -> int:
     from engine import loop
     from engine import recipe as recipe_mod
+    from engine.advice import explain_out_of_memory
 
     recipe = recipe_mod.load(path, overrides)
-    summary = loop.train(recipe)
+    with explain_out_of_memory(recipe):
+        summary = loop.train(recipe)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         from engine.report import summary_table
 
-        print("\n" + summary_table(summary, Path(recipe.train.output_dir)))
+        print("\n" + summary_table(summary, Path(recipe.train.output_dir), recipe.train.final_dir))
     return 0
 
 
@@ -160,14 +179,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from engine.manager import Plugins
 
     run = Path(args.run_dir)
-    model_dir = Path(args.model) if args.model not in ("final", "best") else run / args.model
+    recipe_path = run / "recipe.toml"
+    data = tomlfile.loads(recipe_path.read_text(encoding="utf-8")) if recipe_path.exists() else {"data": {"train": "-"}}
+    final_dir = data.get("train", {}).get("final_dir", "final")
+    model_dir = Path(args.model) if args.model not in ("final", "best") else run / (final_dir if args.model == "final" else "best")
     is_model_folder = (run / "config.json").exists() or (run / "adapter_config.json").exists()
-    if not (run / "recipe.toml").exists() and is_model_folder:
+    if not recipe_path.exists() and is_model_folder:
         model_dir = run  # a model folder given directly
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: no such model folder; is '{run}' a finished run?")
-    recipe_path = run / "recipe.toml"
-    data = tomlfile.loads(recipe_path.read_text(encoding="utf-8")) if recipe_path.exists() else {"data": {"train": "-"}}
     origins: dict[str, str] = {}
     for text in args.overrides:
         parts, value = recipe_mod.parse_override(text)

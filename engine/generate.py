@@ -28,7 +28,11 @@ def generate_text(model: Any, tokenizer: Any, plugins: Any, prompt: str, streame
     model.eval()
     enc = tokenizer(prompt, return_tensors="pt").to(device)
     kwargs = generation_settings(plugins, tokenizer, **overrides)
-    output = model.generate(**enc, streamer=streamer, **kwargs)
+    beams = (kwargs.get("num_beams") or 1) > 1  # transformers cannot stream beam search: print the result at the end
+    output = model.generate(**enc, streamer=None if beams else streamer, **kwargs)
     if was_training:
         model.train()
-    return tokenizer.decode(output[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    text = tokenizer.decode(output[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    if beams and streamer is not None:
+        streamer.on_finalized_text(text, stream_end=True)
+    return text

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from engine import advice
 from engine import checkpoint
 from engine import data as data_mod
 from engine import distributed
@@ -43,6 +44,9 @@ RUN_FILES = ("recipe.toml", "metrics.jsonl", "metrics.json", "final", "best", "c
 def check_output_dir(recipe: Recipe) -> Path:
     """Refuse to replace a finished or unfinished run unless train.overwrite or train.resume is set."""
     out = Path(recipe.train.output_dir)
+    final_dir = recipe.train.final_dir
+    if not final_dir or Path(final_dir).name != final_dir or final_dir in (".", "..", "best", "checkpoints"):
+        raise UserError(f"train.final_dir: '{final_dir}' must be a plain folder name other than best or checkpoints (e.g. final)")
     finished = (out / "metrics.json").exists()
     if finished and not (recipe.train.overwrite or recipe.train.resume):
         raise UserError(
@@ -55,8 +59,8 @@ def check_output_dir(recipe: Recipe) -> Path:
     return out
 
 
-def clear_run_files(out: Path) -> None:
-    for name in RUN_FILES:
+def clear_run_files(out: Path, final_dir: str = "final") -> None:
+    for name in {*RUN_FILES, final_dir}:
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -112,12 +116,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
 
     # 1. documents, checked before any model loads
     plugins = Plugins(recipe.plugins)
-    docs = data_mod.split_documents(recipe)
-    if plugins.of_kind("augmentation") and recipe.data.augment_copies:
-        vocabulary = data_mod.corpus_vocabulary(docs.train)
-        docs.train = data_mod.augment(
-            docs.train, recipe.data.augment_copies, lambda text, rng: plugins.augment(text, rng, vocabulary), cfg.seed
-        )
+    docs = data_mod.run_documents(recipe, plugins)  # split, then augment the training documents
 
     # 2. tokenizer, blocks, model
     tokenizer = model_mod.load_tokenizer(recipe.model, docs.train)
@@ -167,7 +166,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
 
     if accelerator.is_main_process:
         if recipe.train.overwrite or (cfg.resume and restored is None):
-            clear_run_files(out)
+            clear_run_files(out, cfg.final_dir)
         if restored is not None:
             checkpoint.rewind_run_folder(out, restored)
         out.mkdir(parents=True, exist_ok=True)
@@ -200,6 +199,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
             plugins.hook.log_metrics(metrics=metrics, step=state.step, phase=phase)
 
     early_stopping = bool(plugins.of_kind("early_stopping"))
+    loss_watch = advice.LossWatch(total_steps)
 
     def run_evaluation() -> bool:
         """Evaluate, track the best model; returns True when training should stop."""
@@ -288,6 +288,9 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
             "epoch": state.epoch + state.step_in_epoch / per_epoch,
             "skipped_steps": state.skipped_steps,
         }
+        note = loss_watch.update(state.step, loss, metrics["lr"], cfg.learning_rate)
+        if note:
+            log(note)
         if state.step % cfg.log_every_steps == 0 or state.step == total_steps:
             now = time.perf_counter()
             metrics["loss"] = sum(loss_window) / len(loss_window) if loss_window else float("nan")
@@ -316,7 +319,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
         last_eval = evaluate(model, accelerator, val_blocks, cfg.batch_size, pad_id, val_chars)
         emit(last_eval, "eval")
     accelerator.wait_for_everyone()
-    save_model(unwrapped, tokenizer, out / "final", accelerator, model)
+    save_model(unwrapped, tokenizer, out / cfg.final_dir, accelerator, model)
     if early_stopping and best_weights is not None:
         restore_trainable(unwrapped, best_weights)  # the run ends holding its best weights
         save_model(unwrapped, tokenizer, out / "best", accelerator, model)

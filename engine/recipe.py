@@ -63,6 +63,7 @@ class TrainSection:
     keep_checkpoints: int = opt(2, "complete checkpoints to keep: the newest N, and the best one as well", min=1)
     resume: str = opt("", "continue from a checkpoint: \"auto\" (the newest complete one in output_dir) or a checkpoint folder; empty: start fresh")
     on_nan: Literal["stop", "skip"] = opt("stop", "a NaN or infinite loss: stop naming the step (exit 1), or skip the step without an update and count it in skipped_steps")
+    final_dir: str = opt("final", "folder inside output_dir for the final model (the Python API names it final_model)")
     sample_prompt: str = opt("", "after training, generate from this prompt and print it (empty: no sample)")
     sample_prompts: list[str] = opt([], "at each evaluation, generate from each of these prompts: appended to samples.jsonl in the run folder and sent to the sinks")
     sample_max_new_tokens: int = opt(60, "tokens to generate for each sample (sample_prompt and sample_prompts)", min=1)

@@ -96,7 +96,7 @@ def _num(value: Any, fmt: str) -> str:
     return format(value, fmt)
 
 
-def summary_table(summary: dict[str, Any], out: Path) -> str:
+def summary_table(summary: dict[str, Any], out: Path, final_dir: str = "final") -> str:
     """The end-of-run table: final and best validation numbers, speed, time, files."""
     final, best = summary.get("val_loss"), summary.get("best_val_loss")
     bpc = summary.get("val_bpc")
@@ -119,7 +119,7 @@ def summary_table(summary: dict[str, Any], out: Path) -> str:
         f"{_num(summary.get('tokens_per_second'), ',.0f')} tokens/s, wall time {duration(summary.get('wall_seconds', 0.0))}{stop}",
         "",
     ]
-    files = [("run folder", out), ("model", out / "final")]
+    files = [("run folder", out), ("model", out / final_dir)]
     if (out / "best").exists():
         files.append(("best model", out / "best"))
     files += [("metrics", out / "metrics.json"), ("curves", out / "curves.png"), ("samples", out / "samples.jsonl")]

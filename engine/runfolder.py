@@ -21,8 +21,9 @@ def model_folder(path: str | Path) -> Path:
         raise UserError(f"{path}: no such folder; give a run folder or a model folder (final/, best/, a checkpoint)")
     if is_model_folder(path):
         return path
-    if is_model_folder(path / "final"):
-        return path / "final"
+    final_dir = read_recipe(path).get("train", {}).get("final_dir", "final") if (path / "recipe.toml").exists() else "final"
+    if is_model_folder(path / final_dir):
+        return path / final_dir
     if (path / "recipe.toml").exists():
         raise UserError(f"{path}: the run has no final/ model yet (unfinished?); give one of its model folders (best/, a checkpoint)")
     raise UserError(f"{path}: holds neither a model (config.json) nor a LoRA adapter (adapter_config.json) nor a run's final/")
