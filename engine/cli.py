@@ -145,7 +145,7 @@ def cmd_train(path: str, overrides: list[str]) -> int:
     recipe = recipe_mod.load(path, overrides)
     with explain_out_of_memory(recipe):
         summary = loop.train(recipe)
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if os.environ.get("RANK", "0") == "0":  # the main process of the whole run prints the summary
         from engine.report import summary_table
 
         print("\n" + summary_table(summary, Path(recipe.train.output_dir), recipe.train.final_dir))

@@ -104,9 +104,9 @@ def agree_stop(accelerator: Any, context: Any) -> bool:
 
         reasons = gather_object([context.stop_reason])
         asked = [(rank, reason) for rank, reason in enumerate(reasons) if reason]
-        if asked:
+        if asked and not context.stop_reason:  # a process that asked itself keeps its own reason
             rank, reason = asked[0]
-            context.stop_reason = reason if rank == accelerator.process_index else f"{reason} (on process {rank})"
+            context.stop_reason = f"{reason} (on process {rank})"
     context.request_stop("stop requested")
     return True
 

@@ -17,7 +17,7 @@ from tests.conftest import fake_package, run_cli
 WATCHDOG_S = 300  # a hang fails the test instead of blocking the suite
 
 ONE_RANK = '''
-import json, math
+import json, math, os, signal
 from dataclasses import dataclass
 from pathlib import Path
 from engine import hookimpl
@@ -43,6 +43,8 @@ class OneRank:
             return
         if o.action == "stop":
             context.request_stop(f"stop asked on rank {o.rank}")
+        elif o.action == "sigterm":  # as a scheduler preempting one process would
+            os.kill(os.getpid(), signal.SIGTERM)
         else:  # the next forward pass on this rank gives NaN logits
             head = acc.unwrap_model(context.model).get_output_embeddings()
             head.register_forward_hook(lambda module, args, out: out * math.nan)
@@ -85,8 +87,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"
     assert json.loads((two / "metrics.json").read_text())["processes"] == 2
-    assert "steps of 8 blocks" in result.stdout  # the global batch, logged once by the main process
-    assert result.stdout.count("model: ") == 1 and result.stdout.count("done: ") == 1
+    # the global batch, logged once by the main process; one end-of-run summary
+    assert "each of 8 blocks (2 processes x batch 2 x accumulation 2)" in result.stdout
+    assert result.stdout.count("parameters: ") == 1 and result.stdout.count("run folder") == 1
 
     ref_train, train = _records(one, "train"), _records(two, "train")
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]  # one record per step: only the main process logs
@@ -127,6 +130,23 @@ def test_nan_loss_on_one_rank_fails_every_rank_cleanly(tmp_path, one_rank_packag
     stops = [l for l in result.stderr.splitlines() if l.startswith("error: training loss is nan") and "at step 2;" in l]
     assert len(stops) == 2, result.stderr[-3000:]  # both ranks, the same step
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_sigterm_on_one_rank_checkpoints_every_rank_at_that_step_and_resumes(tmp_path, one_rank_package):
+    recipe = _recipe(tmp_path, batch_size=4, max_steps=8)
+    recipe.update(callbacks=["one_rank"], one_rank={"rank": 1, "step": 3, "action": "sigterm"})
+    path = write_recipe(recipe, tmp_path / "r.toml")
+    result = launch(path, processes=2, env=one_rank_package, timeout=WATCHDOG_S)
+    assert result.returncode != 0
+    stopped = [l for l in result.stderr.splitlines() if "stopped by SIGTERM after step 3" in l]
+    assert len(stopped) == 2, result.stderr[-3000:]  # both ranks, the same step, no hang
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "step-00000003").is_dir() and not (run / "metrics.json").exists()
+    # resume in 2 processes (the plugin acts at step 3 only, which is already done)
+    result = launch(path, "train.resume=auto", processes=2, env=one_rank_package, timeout=WATCHDOG_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 8
+    assert [r["step"] for r in _records(run, "train")] == list(range(1, 9))
 
 
 def test_device_map_auto_with_several_processes_is_exit_2(tmp_path, tiny_model_dir):
