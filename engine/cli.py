@@ -4,6 +4,7 @@
     python -m engine check RECIPE [key=value ...]      validate, print the resolved recipe and plugins
     python -m engine plugins                           list installed plugins
     python -m engine generate RUN_DIR --prompt TEXT [key=value ...]
+    python -m engine bench RECIPE [key=value ...] [--steps N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Sequence
 
 from engine.errors import RunFailed, UserError
 
-COMMANDS = ("train", "check", "plugins", "generate")
+COMMANDS = ("train", "check", "plugins", "generate", "bench")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="final", help="which model of the run: final (default), best, or a path")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
     g.add_argument("overrides", nargs="*", metavar="key=value", help="decoding overrides, e.g. decoding=greedy sampling.temperature=0.9")
+    b = sub.add_parser("bench", help="measure tokens/s and peak memory of a recipe for a few steps; writes no run")
+    b.add_argument("recipe", help="path of a TOML recipe")
+    b.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides with TOML values")
+    b.add_argument("--steps", type=int, default=20, help="optimizer steps to time (default 20; the first is warm-up)")
+    b.add_argument("--json", default=None, help="also write the results as JSON to this path")
     return p
 
 
@@ -60,6 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plugins()
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "bench":
+            if args.steps < 2:
+                raise UserError(f"--steps: {args.steps}; bench needs at least 2 steps (the first is warm-up)")
+            from engine import bench
+
+            return bench.main(args.recipe, args.overrides, args.steps, args.json)
     except UserError as exc:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)

@@ -166,7 +166,7 @@ def pack(sequences: list[list[int]], max_length: int, stride: int | None = None)
     stride < max_length makes blocks overlap so that every token but the first is a target exactly
     once (used for validation: stride = max_length - 1).
     """
-    flat = torch.tensor([t for seq in sequences for t in seq], dtype=torch.long)
+    flat = torch.tensor([t for seq in sequences for t in seq], dtype=torch.long) if sequences else torch.zeros(0, dtype=torch.long)
     stride = stride or max_length
     blocks = []
     for start in range(0, max(1, len(flat) - (max_length - stride)), stride):
@@ -187,8 +187,13 @@ def split_each(sequences: list[list[int]], max_length: int) -> list[torch.Tensor
     return blocks
 
 
-def build_blocks(documents: Sequence[str], tokenizer: Any, max_length: int, packing: bool, for_eval: bool = False) -> list[torch.Tensor]:
-    sequences = tokenize(documents, tokenizer)
+def build_blocks(
+    documents: Sequence[str], tokenizer: Any, max_length: int, packing: bool, for_eval: bool = False, cache: Path | None = None
+) -> list[torch.Tensor]:
+    """Token blocks; with a cache folder (engine/tokcache.py) documents are tokenized once and reused."""
+    from engine import tokcache
+
+    sequences = tokcache.tokenize(documents, tokenizer, cache) if cache is not None else tokenize(documents, tokenizer)
     if packing:
         return pack(sequences, max_length, stride=max_length - 1 if for_eval else None)
     return split_each(sequences, max_length)

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from engine import autobatch
 from engine import data as data_mod
+from engine import loss as loss_mod
 from engine import model as model_mod
+from engine import tokcache
 from engine.context import EarlyStopDecision, TrainContext, TrainState
 from engine.errors import RunFailed, UserError
 from engine.manager import Plugins
@@ -67,18 +69,15 @@ def choose_precision(requested: str) -> str:
 
 
 # ------------------------------------------------------------------ loss and evaluation
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropy over a batch, and the number of target tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum", ignore_index=data_mod.IGNORE_INDEX
-    )
-    return loss, (targets != data_mod.IGNORE_INDEX).sum()
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropy over a batch, and the number of target tokens (engine/loss.py)."""
+    return loss_mod.token_loss_sum(model, batch, chunked)
 
 
 @torch.no_grad()
-def evaluate(model: Any, accelerator: Any, blocks: list[torch.Tensor], batch_size: int, pad_id: int, n_chars: int) -> dict[str, float]:
+def evaluate(
+    model: Any, accelerator: Any, blocks: list[torch.Tensor], batch_size: int, pad_id: int, n_chars: int, chunked: bool = True
+) -> dict[str, float]:
     """Mean token loss, perplexity and bits per character; each validation block counted once."""
     model.eval()
     mine = blocks[accelerator.process_index :: accelerator.num_processes]
@@ -87,7 +86,7 @@ def evaluate(model: Any, accelerator: Any, blocks: list[torch.Tensor], batch_siz
     for start in range(0, len(mine), batch_size):
         batch = {k: v.to(accelerator.device) for k, v in data_mod.collate(mine[start : start + batch_size], pad_id).items()}
         with accelerator.autocast():
-            loss, n = token_loss_sum(model, batch)
+            loss, n = token_loss_sum(model, batch, chunked)
         nats += loss.double()
         tokens += n
     nats = accelerator.reduce(nats, "sum").item()
@@ -115,7 +114,8 @@ def restore_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
 
 
 # ------------------------------------------------------------------ the run
-def train(recipe: Recipe) -> dict[str, Any]:
+def train(recipe: Recipe, write_run: bool = True) -> dict[str, Any]:
+    """Train from a recipe. write_run=False (python -m engine bench) writes no run folder and never evaluates."""
     import transformers
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -123,8 +123,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     transformers.utils.logging.disable_progress_bar()
 
     t_start = time.perf_counter()
-    cfg, out = recipe.train, check_output_dir(recipe)
-    accelerator = Accelerator(mixed_precision=choose_precision(cfg.precision))
+    cfg = recipe.train
+    out = check_output_dir(recipe) if write_run else Path(cfg.output_dir)
+    accelerator = Accelerator(mixed_precision=choose_precision(cfg.precision), dynamo_backend="inductor" if cfg.compile else "no")
     set_seed(cfg.seed)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
 
@@ -138,13 +139,14 @@ def train(recipe: Recipe) -> dict[str, Any]:
         )
 
     # 2. tokenizer, blocks, model
-    tokenizer = model_mod.load_tokenizer(recipe.model, docs.train)
+    cache = tokcache.cache_root(recipe.data)
+    tokenizer = model_mod.load_tokenizer(recipe.model, docs.train, cache)
     model = model_mod.load_model(recipe.model, tokenizer)
     limit = model_mod.context_length(model)
     if limit is not None and recipe.data.max_length > limit:
         raise UserError(f"data.max_length: {recipe.data.max_length} is longer than the model's context ({limit}); set it to {limit} or less")
-    train_blocks = data_mod.build_blocks(docs.train, tokenizer, recipe.data.max_length, recipe.data.packing)
-    val_blocks = data_mod.build_blocks(docs.val, tokenizer, recipe.data.max_length, recipe.data.packing, for_eval=True)
+    train_blocks = data_mod.build_blocks(docs.train, tokenizer, recipe.data.max_length, recipe.data.packing, cache=cache)
+    val_blocks = data_mod.build_blocks(docs.val, tokenizer, recipe.data.max_length, recipe.data.packing, for_eval=True, cache=cache)
     val_chars = data_mod.characters(docs.val)
     if recipe.lora.enabled:
         if recipe.model.config:
@@ -172,8 +174,14 @@ def train(recipe: Recipe) -> dict[str, Any]:
     scheduler = plugins.hook.create_scheduler(optimizer=optimizer, total_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    batch_size, accumulation = cfg.batch_size, cfg.gradient_accumulation_steps
+    if cfg.auto_batch_size:
+        batch_size, accumulation = autobatch.choose(
+            model, lambda m, b: token_loss_sum(m, b, cfg.chunked_loss), accelerator, batch_size, accumulation,
+            recipe.data.max_length, len(tokenizer), log,
+        )
 
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and write_run:
         if recipe.train.overwrite:
             clear_run_files(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -202,7 +210,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     def run_evaluation() -> bool:
         """Evaluate, track the best model; returns True when training should stop."""
         nonlocal best_weights, last_eval
-        metrics = evaluate(model, accelerator, val_blocks, cfg.batch_size, tokenizer.pad_token_id, val_chars)
+        metrics = evaluate(model, accelerator, val_blocks, batch_size, tokenizer.pad_token_id, val_chars, cfg.chunked_loss)
         metrics["epoch"] = state.epoch
         last_eval = metrics
         emit(metrics, "eval")
@@ -227,7 +235,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
         micro = data_mod.step_batches(
             len(train_blocks), cfg.seed, state.epoch, state.step_in_epoch,
-            cfg.batch_size, cfg.gradient_accumulation_steps, rank, world,
+            batch_size, accumulation, rank, world,
         )
         batches = [{k: v.to(accelerator.device) for k, v in data_mod.collate([train_blocks[i] for i in ids], pad_id).items()} for ids in micro]
         local_tokens = sum(int((b["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum()) for b in batches)
@@ -238,7 +246,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
             sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
-                    loss_sum, _ = token_loss_sum(model, batch)
+                    loss_sum, _ = token_loss_sum(model, batch, cfg.chunked_loss)
                 # DDP averages gradients over processes; scaling by world / tokens makes the result the
                 # gradient of the token-weighted mean over every micro-batch of every process.
                 accelerator.backward(loss_sum * world / step_tokens)
@@ -273,7 +281,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         plugins.hook.on_step_end(context=context, metrics=metrics)
         epoch_end = state.step_in_epoch >= per_epoch
         due = cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0
-        if epoch_end or due or state.step == total_steps:
+        if write_run and (epoch_end or due or state.step == total_steps):
             stop = run_evaluation() or stop
         if context.stop_reason:
             accelerator.set_trigger()
@@ -283,8 +291,13 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     # 5. the run folder
     unwrapped = accelerator.unwrap_model(model)
+    if not write_run:
+        accelerator.end_training()
+        return {"steps": state.step, "tokens_seen": state.tokens_seen, "train_loss": loss, "batch_size": batch_size,
+                "gradient_accumulation_steps": accumulation, "train_seconds": train_seconds, "trainable_params": trainable,
+                "total_params": total, "device": str(accelerator.device), "precision": accelerator.mixed_precision}
     if state.best_step and not last_eval:
-        last_eval = evaluate(model, accelerator, val_blocks, cfg.batch_size, pad_id, val_chars)
+        last_eval = evaluate(model, accelerator, val_blocks, batch_size, pad_id, val_chars, cfg.chunked_loss)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model(unwrapped, tokenizer, out / "final")
