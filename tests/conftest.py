@@ -45,3 +45,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tokenization_cache(tmp_path_factory):
+    """Tests (and the CLI runs they start) keep the tokenization cache in a temporary folder, not ~/.cache."""
+    folder = tmp_path_factory.mktemp("tunesmith-cache")
+    old = os.environ.get("TUNESMITH_CACHE")
+    os.environ["TUNESMITH_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("TUNESMITH_CACHE", None)
+    else:
+        os.environ["TUNESMITH_CACHE"] = old

@@ -81,3 +81,95 @@ def test_chunked_loss_never_holds_full_logits():
     assert saved_bytes(loss_mod.plain_loss_sum) >= full_logits
     chunked = lambda m, b: loss_mod.chunked_loss_sum(m, b, chunk_elements=16 * vocab)  # noqa: E731
     assert saved_bytes(chunked) < full_logits / 4
+
+
+def test_tokenization_cache_is_reused_and_gives_the_same_run(tmp_path):
+    from engine import tokcache
+
+    cache = tmp_path / "cache"
+    before = dict(tokcache.stats)
+    first = run_recipe(tiny_recipe(tmp_path / "a", data={"cache_dir": str(cache)}))
+    after_first = dict(tokcache.stats)
+    second = run_recipe(tiny_recipe(tmp_path / "b", data={"cache_dir": str(cache)}))
+    after_second = dict(tokcache.stats)
+    assert after_first["tokenized"] - before["tokenized"] == 2  # train and val documents
+    assert after_first["tokenizers_trained"] - before["tokenizers_trained"] == 1
+    assert after_second["tokenized"] == after_first["tokenized"]  # the second run tokenized nothing
+    assert after_second["reused"] - after_first["reused"] == 2
+    assert after_second["tokenizers_reused"] - after_first["tokenizers_reused"] == 1
+    assert len(list((cache / "tokens").glob("*.npz"))) == 2
+    assert second["train_loss"] == first["train_loss"] and second["val_loss"] == first["val_loss"]
+
+
+def test_tokenization_cache_key_follows_text_and_tokenizer(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from engine import tokcache
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    docs = ["The boat sat in the harbour.", "Warm bread in the morning."]
+    logs = []
+    first = tokcache.tokenize(docs, tok, tmp_path, logs.append)
+    again = tokcache.tokenize(list(docs), tok, tmp_path, logs.append)
+    changed = tokcache.tokenize([docs[0], docs[1] + "!"], tok, tmp_path, logs.append)
+    assert first == again == [ids + [tok.eos_token_id] for ids in tok(docs, add_special_tokens=False)["input_ids"]]
+    assert changed[1] != first[1]
+    assert [line.split()[1] for line in logs] == ["tokenized", "reused", "tokenized"]
+    other = tokcache.tokenizer_hash(tok)
+    tok.add_tokens(["harbour"])
+    assert tokcache.tokenizer_hash(tok) != other
+
+
+def test_vocabulary_is_padded_and_padding_ids_are_never_generated(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = tiny_recipe(tmp_path, model={"pad_vocab_multiple": 64})
+    run_recipe(recipe)
+    final = tmp_path / "run" / "final"
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    n = len(tokenizer)
+    assert model.config.vocab_size % 64 == 0 and model.config.vocab_size > n
+    # make every padding id the model's favourite: generation must still never pick one
+    model.get_output_embeddings().register_forward_hook(lambda mod, args, out: out.index_fill(-1, torch.arange(n, out.shape[-1]), 1e4))
+    ids = tokenizer("The boat", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=8, do_sample=True, pad_token_id=tokenizer.pad_token_id)
+    assert int(out[0, ids["input_ids"].shape[1]:].max()) < n
+    model.generation_config.suppress_tokens = None  # without the saved setting they would be generated
+    out = model.generate(**ids, max_new_tokens=8, do_sample=True, pad_token_id=tokenizer.pad_token_id)
+    assert int(out[0, ids["input_ids"].shape[1]:].max()) >= n
+
+
+def test_largest_fitting_micro_batch_keeps_the_global_batch():
+    from engine import autobatch
+
+    tried = []
+
+    def fits(size):
+        tried.append(size)
+        return size <= 5
+
+    assert autobatch.largest_fitting(12, fits) == 4
+    assert tried == [12, 6, 4]  # divisors of 12, largest first, stopping at the first that fits
+    assert autobatch.largest_fitting(7, lambda s: False) == 1
+
+
+def test_bench_command_measures_without_writing_a_run(tmp_path):
+    from engine import tomlfile
+
+    recipe = tiny_recipe(tmp_path, data={"cache_dir": str(tmp_path / "cache")})
+    path = tmp_path / "tiny.toml"
+    path.write_text(tomlfile.dumps(recipe), encoding="utf-8")
+    result = run_cli("bench", str(path), "--steps", "4", "train.auto_batch_size=true", "--json", str(tmp_path / "bench.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "auto batch size: on cpu the recipe's batch is kept (4 x accumulation 1)" in result.stdout
+    assert "tokens/s" in result.stdout and "process peak RSS" in result.stdout
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["steps"] == 4 and report["tokens_per_second"] > 0 and report["peak_memory_bytes"] > 0
+    assert report["micro_batch"] == 4 and report["accumulation"] == 1
+    assert not (tmp_path / "run").exists()  # no run folder
+
+
+def test_bench_command_rejects_too_few_steps(tmp_path):
+    result = run_cli("bench", "recipes/quickstart.toml", "--steps", "1")
+    assert result.returncode == 2 and "--steps" in result.stderr and "Traceback" not in result.stderr
