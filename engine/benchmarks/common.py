@@ -59,10 +59,13 @@ def trainer_arguments(recipe: Any, output_dir: str, steps: int, **extra: Any) ->
 
 
 class BlockDataset(torch.utils.data.Dataset):
-    """Token blocks as Trainer rows (labels = input_ids; the model shifts them)."""
+    """Full-length token blocks as Trainer rows (labels = input_ids; the model shifts them).
 
-    def __init__(self, blocks: Sequence[torch.Tensor]):
-        self.blocks = list(blocks)
+    The one shorter block packing may leave at the end is dropped: Trainer's default collator stacks rows.
+    """
+
+    def __init__(self, blocks: Sequence[torch.Tensor], length: int):
+        self.blocks = [b for b in blocks if len(b) == length]
 
     def __len__(self) -> int:
         return len(self.blocks)

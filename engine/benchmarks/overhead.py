@@ -44,16 +44,16 @@ def run_bare(recipe: Any, prep: dict[str, Any], steps: int) -> float:
     opt = torch.optim.AdamW(model_mod.param_groups(model, t.weight_decay), lr=t.learning_rate)
     lr = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup_steps_for(steps, sched.warmup_ratio, sched.warmup_steps), steps,
                                                      min_lr_rate=sched.min_lr_ratio)
-    blocks = prep["train_blocks"]
+    blocks, pad = prep["train_blocks"], prep["tokenizer"].pad_token_id
     per_epoch = len(blocks) // (t.batch_size * t.gradient_accumulation_steps)
     marks = []
     for step in range(steps):
         micro = data_mod.step_batches(len(blocks), t.seed, step // per_epoch, step % per_epoch, t.batch_size, t.gradient_accumulation_steps, 0, 1)
         n_tokens = sum(len(i) for i in micro) * (recipe.data.max_length - 1)
         for ids in micro:
-            x = torch.stack([blocks[i] for i in ids])
-            logits = model(input_ids=x).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
+            b = data_mod.collate([blocks[i] for i in ids], pad)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(), reduction="sum")
             (loss / n_tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         opt.step()
@@ -75,7 +75,8 @@ def run_trainer(recipe: Any, prep: dict[str, Any], steps: int) -> float:
     model = common.fresh_model(recipe, prep["tokenizer"])
     with tempfile.TemporaryDirectory() as tmp:
         args = common.trainer_arguments(recipe, tmp, steps)
-        trainer = Trainer(model=model, args=args, train_dataset=common.BlockDataset(prep["train_blocks"]), callbacks=[Timer()])
+        trainer = Trainer(model=model, args=args, train_dataset=common.BlockDataset(prep["train_blocks"], recipe.data.max_length),
+                          callbacks=[Timer()])
         trainer.train()
     return (marks[-1] - marks[0]) / (len(marks) - 1)
 

@@ -44,7 +44,7 @@ def trainer_process(recipe_path: str, overrides: list[str], out_json: str) -> No
     model = common.fresh_model(recipe, prep["tokenizer"])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model=model, args=common.trainer_arguments(recipe, tmp, steps),
-                          train_dataset=common.BlockDataset(prep["train_blocks"]))
+                          train_dataset=common.BlockDataset(prep["train_blocks"], recipe.data.max_length))
         trainer.train()
     npc = common.nats_per_char(model, prep["val_blocks"], prep["val_chars"], t.batch_size, prep["tokenizer"].pad_token_id)
     Path(out_json).write_text(json.dumps({"nats_per_char": npc, "steps": steps}))
