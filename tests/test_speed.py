@@ -173,3 +173,11 @@ def test_bench_command_measures_without_writing_a_run(tmp_path):
 def test_bench_command_rejects_too_few_steps(tmp_path):
     result = run_cli("bench", "recipes/quickstart.toml", "--steps", "1")
     assert result.returncode == 2 and "--steps" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_shakespeare_recipe_validates_with_speed_defaults():
+    result = run_cli("check", "recipes/shakespeare.toml")
+    assert result.returncode == 0, result.stderr
+    assert "chunked_loss = true" in result.stdout and "pad_vocab_multiple = 64" in result.stdout
+    assert 'train = "../shared/data/tinyshakespeare-train.txt"' in result.stdout
+    assert 'txt_documents = "file"' in result.stdout
