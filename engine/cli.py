@@ -8,6 +8,7 @@
     python -m engine eval RUN_DIR|MODEL_DIR --data PATH [--json]   loss, perplexity, bits/char of a text
     python -m engine merge RUN_DIR OUT_DIR                    LoRA adapter + base -> standalone model
     python -m engine runs DIR... [--plot FILE.png]            finished runs side by side
+    python -m engine bench RECIPE [key=value ...] [--steps N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Sequence
 
 from engine.errors import Interrupted, RunFailed, UserError
 
-COMMANDS = ("train", "check", "plugins", "generate", "eval", "merge", "runs")
+COMMANDS = ("train", "check", "plugins", "generate", "eval", "merge", "runs", "bench")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("runs", help="compare finished runs: key metrics and the recipe keys that differ")
     r.add_argument("run_dirs", nargs="+", metavar="DIR", help="run folders (each with metrics.json)")
     r.add_argument("--plot", metavar="FILE.png", help="also draw their validation loss curves into this PNG file")
+    b = sub.add_parser("bench", help="measure tokens/s and peak memory of a recipe for a few steps; writes no run")
+    b.add_argument("recipe", help="path of a TOML recipe")
+    b.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides with TOML values")
+    b.add_argument("--steps", type=int, default=20, help="optimizer steps to time (default 20; the first is warm-up)")
+    b.add_argument("--json", default=None, help="also write the results as JSON to this path")
     return p
 
 
@@ -91,6 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_merge(args)
         if args.command == "runs":
             return cmd_runs(args)
+        if args.command == "bench":
+            if args.steps < 2:
+                raise UserError(f"--steps: {args.steps}; bench needs at least 2 steps (the first is warm-up)")
+            from engine import bench
+
+            return bench.main(args.recipe, args.overrides, args.steps, args.json)
     except UserError as exc:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)

@@ -186,7 +186,7 @@ def pack(sequences: list[list[int]], max_length: int, stride: int | None = None)
     stride < max_length makes blocks overlap so that every token but the first is a target exactly
     once (used for validation: stride = max_length - 1).
     """
-    flat = torch.tensor([t for seq in sequences for t in seq], dtype=torch.long)
+    flat = torch.tensor([t for seq in sequences for t in seq], dtype=torch.long) if sequences else torch.zeros(0, dtype=torch.long)
     stride = stride or max_length
     blocks = []
     for start in range(0, max(1, len(flat) - (max_length - stride)), stride):
@@ -207,8 +207,19 @@ def split_each(sequences: list[list[int]], max_length: int) -> list[torch.Tensor
     return blocks
 
 
-def build_blocks(documents: Sequence[str], tokenizer: Any, max_length: int, packing: bool, for_eval: bool = False) -> list[torch.Tensor]:
-    return blocks_of(tokenize(documents, tokenizer), max_length, packing, for_eval)
+def tokenize_cached(documents: Sequence[str], tokenizer: Any, cache: Path | None = None) -> list[list[int]]:
+    """tokenize(); with a cache folder (engine/tokcache.py) documents are tokenized once and reused."""
+    if cache is None:
+        return tokenize(documents, tokenizer)
+    from engine import tokcache
+
+    return tokcache.tokenize(documents, tokenizer, cache)
+
+
+def build_blocks(
+    documents: Sequence[str], tokenizer: Any, max_length: int, packing: bool, for_eval: bool = False, cache: Path | None = None
+) -> list[torch.Tensor]:
+    return blocks_of(tokenize_cached(documents, tokenizer, cache), max_length, packing, for_eval)
 
 
 def blocks_of(sequences: list[list[int]], max_length: int, packing: bool, for_eval: bool = False) -> list[torch.Tensor]:

@@ -13,23 +13,25 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from engine import data as data_mod
 
 
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropy over a batch, and the number of target tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum", ignore_index=data_mod.IGNORE_INDEX
-    )
-    return loss, (targets != data_mod.IGNORE_INDEX).sum()
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropy over a batch, and the number of target tokens.
+
+    chunked: compute it from the final hidden states in chunks (engine/loss.py), never holding the
+    full fp32 logits; the result equals the plain computation.
+    """
+    from engine import loss as loss_mod
+
+    return loss_mod.token_loss_sum(model, batch, chunked)
 
 
 @torch.no_grad()
-def evaluate(model: Any, accelerator: Any, blocks: list[torch.Tensor], batch_size: int, pad_id: int, n_chars: int) -> dict[str, float]:
+def evaluate(
+    model: Any, accelerator: Any, blocks: list[torch.Tensor], batch_size: int, pad_id: int, n_chars: int, chunked: bool = True
+) -> dict[str, float]:
     """Mean token loss, perplexity and bits per character; each block counted once.
 
     accelerator: shares the blocks among processes and sums the results; None evaluates every block
@@ -52,7 +54,7 @@ def evaluate(model: Any, accelerator: Any, blocks: list[torch.Tensor], batch_siz
         part = mine[start : start + batch_size]
         batch = {k: v.to(device) for k, v in data_mod.collate(part or blocks[:1], pad_id).items()}
         with autocast():
-            loss, n = token_loss_sum(model, batch)
+            loss, n = token_loss_sum(model, batch, chunked)
         if part:
             nats += loss.double()
             tokens += n

@@ -24,12 +24,14 @@ from typing import Any
 import torch
 
 from engine import advice
+from engine import autobatch
 from engine import checkpoint
 from engine import data as data_mod
 from engine import distributed
 from engine import interrupts
 from engine.evaluation import evaluate, token_loss_sum  # noqa: F401  (also imported from here)
 from engine import model as model_mod
+from engine import tokcache
 from engine.context import EarlyStopDecision, TrainContext, TrainState
 from engine.errors import Interrupted, RunFailed, UserError
 from engine.manager import Plugins
@@ -93,12 +95,13 @@ def restore_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
 
 
 # ------------------------------------------------------------------ the run
-def train(recipe: Recipe) -> dict[str, Any]:
+def train(recipe: Recipe, write_run: bool = True) -> dict[str, Any]:
+    """Train from a recipe. write_run=False (python -m engine bench) writes no run folder and never evaluates."""
     with interrupts.Watch() as signals:  # SIGTERM and Ctrl-C: checkpoint at the next step boundary, then exit
-        return _train(recipe, signals)
+        return _train(recipe, signals, write_run)
 
 
-def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
+def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) -> dict[str, Any]:
     import transformers
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -106,10 +109,14 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
     transformers.utils.logging.disable_progress_bar()
 
     t_start = time.perf_counter()
-    cfg, out = recipe.train, check_output_dir(recipe)
-    resume_from = checkpoint.resume_point(cfg, out)
+    cfg = recipe.train
+    out = check_output_dir(recipe) if write_run else Path(cfg.output_dir)
+    resume_from = checkpoint.resume_point(cfg, out) if write_run else None
     distributed.check_before_start(recipe.model)
-    accelerator = Accelerator(mixed_precision=choose_precision(cfg.precision), **distributed.accelerator_options())
+    accelerator = Accelerator(
+        mixed_precision=choose_precision(cfg.precision), dynamo_backend="inductor" if cfg.compile else "no",
+        **distributed.accelerator_options(),
+    )
     distributed.check_started(recipe.model, accelerator)
     set_seed(cfg.seed)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
@@ -119,17 +126,18 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
     docs = data_mod.run_documents(recipe, plugins)  # split, then augment the training documents
 
     # 2. tokenizer, blocks, model
-    tokenizer = model_mod.load_tokenizer(recipe.model, docs.train)
+    cache = tokcache.cache_root(recipe.data)
+    tokenizer = model_mod.load_tokenizer(recipe.model, docs.train, cache)
     model = model_mod.load_model(recipe.model, tokenizer)
     limit = model_mod.context_length(model)
     if limit is not None and recipe.data.max_length > limit:
         raise UserError(f"data.max_length: {recipe.data.max_length} is longer than the model's context ({limit}); set it to {limit} or less")
-    train_tokens = data_mod.tokenize(docs.train, tokenizer)
+    train_tokens = data_mod.tokenize_cached(docs.train, tokenizer, cache)
     train_blocks = data_mod.blocks_of(train_tokens, recipe.data.max_length, recipe.data.packing)
     n_long = data_mod.count_long_documents(train_tokens, recipe.data.max_length)
     if n_long:
         log(f"data.train: {n_long} of {len(docs.train)} documents are longer than data.max_length ({recipe.data.max_length} tokens) and were split across blocks")
-    val_blocks = data_mod.build_blocks(docs.val, tokenizer, recipe.data.max_length, recipe.data.packing, for_eval=True)
+    val_blocks = data_mod.build_blocks(docs.val, tokenizer, recipe.data.max_length, recipe.data.packing, for_eval=True, cache=cache)
     val_chars = data_mod.characters(docs.val)
     if recipe.lora.enabled:
         if recipe.model.config:
@@ -158,13 +166,19 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
     scheduler = plugins.hook.create_scheduler(optimizer=optimizer, total_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    batch_size, accumulation = cfg.batch_size, cfg.gradient_accumulation_steps
+    if cfg.auto_batch_size:  # same global batch: a larger micro-batch with less accumulation, or the reverse
+        batch_size, accumulation = autobatch.choose(
+            model, lambda m, b: token_loss_sum(m, b, cfg.chunked_loss), accelerator, batch_size, accumulation,
+            recipe.data.max_length, len(tokenizer), log,
+        )
     checkpoint.register(accelerator, scheduler)
     restored = None
     if resume_from is not None:
         names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
         restored = checkpoint.load(resume_from, accelerator, identity, names)
 
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and write_run:
         if recipe.train.overwrite or (cfg.resume and restored is None):
             clear_run_files(out, cfg.final_dir)
         if restored is not None:
@@ -204,7 +218,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
     def run_evaluation() -> bool:
         """Evaluate, track the best model; returns True when training should stop."""
         nonlocal best_weights, last_eval
-        metrics = evaluate(model, accelerator, val_blocks, cfg.batch_size, tokenizer.pad_token_id, val_chars)
+        metrics = evaluate(model, accelerator, val_blocks, batch_size, tokenizer.pad_token_id, val_chars, cfg.chunked_loss)
         metrics["epoch"] = state.epoch
         metrics["step"] = state.step
         metrics["tokens_seen"] = state.tokens_seen
@@ -241,7 +255,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
         micro = data_mod.step_batches(
             len(train_blocks), cfg.seed, state.epoch, state.step_in_epoch,
-            cfg.batch_size, cfg.gradient_accumulation_steps, rank, world,
+            batch_size, accumulation, rank, world,
         )
         batches = [{k: v.to(accelerator.device) for k, v in data_mod.collate([train_blocks[i] for i in ids], pad_id).items()} for ids in micro]
         local_tokens = sum(int((b["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum()) for b in batches)
@@ -252,7 +266,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
             sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
-                    loss_sum, _ = token_loss_sum(model, batch)
+                    loss_sum, _ = token_loss_sum(model, batch, cfg.chunked_loss)
                 # DDP averages gradients over processes; scaling by world / tokens makes the result the
                 # gradient of the token-weighted mean over every micro-batch of every process.
                 accelerator.backward(loss_sum * world / step_tokens)
@@ -300,23 +314,26 @@ def _train(recipe: Recipe, signals: interrupts.Watch) -> dict[str, Any]:
         plugins.hook.on_step_end(context=context, metrics=metrics)
         epoch_end = state.step_in_epoch >= per_epoch
         due = cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0
-        if epoch_end or due or state.step == total_steps:
+        if write_run and (epoch_end or due or state.step == total_steps):
             stop = run_evaluation() or stop
         if distributed.agree_stop(accelerator, context):  # any process asked: all stop after this step
             stop = True
         signum = signals.pending(accelerator)
-        if epoch_end or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0) or signum:
+        if write_run and (epoch_end or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0) or signum):
             last_checkpoint = save_checkpoint()
         if signum:
-            raise Interrupted(
-                f"stopped by {interrupts.name(signum)} after step {state.step}; checkpoint {last_checkpoint} written. "
-                f"Continue with train.resume=auto", signum,
-            )
+            saved = f"; checkpoint {last_checkpoint} written. Continue with train.resume=auto" if write_run else ""
+            raise Interrupted(f"stopped by {interrupts.name(signum)} after step {state.step}{saved}", signum)
 
     # 5. the run folder
     unwrapped = accelerator.unwrap_model(model)
+    if not write_run:
+        accelerator.end_training()
+        return {"steps": state.step, "tokens_seen": state.tokens_seen, "train_loss": loss, "batch_size": batch_size,
+                "gradient_accumulation_steps": accumulation, "train_seconds": train_seconds, "trainable_params": trainable,
+                "total_params": total, "device": str(accelerator.device), "precision": accelerator.mixed_precision}
     if last_eval.get("step") != state.step:  # stopped between evaluations: measure the final weights
-        last_eval = evaluate(model, accelerator, val_blocks, cfg.batch_size, pad_id, val_chars)
+        last_eval = evaluate(model, accelerator, val_blocks, batch_size, pad_id, val_chars, cfg.chunked_loss)
         emit(last_eval, "eval")
     accelerator.wait_for_everyone()
     save_model(unwrapped, tokenizer, out / cfg.final_dir, accelerator, model)

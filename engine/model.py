@@ -39,12 +39,14 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS)
 
 
-def load_tokenizer(model_cfg: Any, train_documents: Sequence[str]) -> Any:
+def load_tokenizer(model_cfg: Any, train_documents: Sequence[str], cache: Path | None = None) -> Any:
     from transformers import AutoTokenizer
 
     source = model_cfg.tokenizer or ("" if model_cfg.config else model_cfg.base)
     if not source:
-        return train_tokenizer(train_documents, model_cfg.tokenizer_vocab_size)
+        from engine import tokcache
+
+        return tokcache.trained_tokenizer(train_documents, model_cfg.tokenizer_vocab_size, cache, train_tokenizer)
     key = "model.tokenizer" if model_cfg.tokenizer else "model.base"
     if os.path.isdir(source) and not any(
         (Path(source) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -80,10 +82,14 @@ def load_model(model_cfg: Any, tokenizer: Any) -> Any:
             config = AutoConfig.for_model(model_type, **settings)
         except (ValueError, TypeError) as exc:
             raise UserError(f"model.config: {exc}") from None
-        config.vocab_size = len(tokenizer)
+        multiple = model_cfg.pad_vocab_multiple
+        config.vocab_size = -(-len(tokenizer) // multiple) * multiple
         config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
-        return AutoModelForCausalLM.from_config(config, attn_implementation=model_cfg.attention, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=model_cfg.attention, dtype=torch.float32)
+        if config.vocab_size > len(tokenizer):  # padding ids: never targets; never generated either
+            model.generation_config.suppress_tokens = list(range(len(tokenizer), config.vocab_size))
+        return model
     base = model_cfg.base
     if os.path.isdir(base) and not (Path(base) / "config.json").exists():
         raise UserError(f"model.base: folder '{base}' has no config.json; point it at a folder written by save_pretrained")

@@ -28,6 +28,7 @@ class ModelSection:
     trust_remote_code: bool = opt(False, "allow custom model code from the hub (off unless you trust it)")
     attention: Literal["sdpa", "eager"] = opt("sdpa", "attention implementation")
     device_map: Literal["", "auto"] = opt("", "\"auto\": one process spreads a model.base too large for one GPU over every GPU it sees (from_pretrained's device_map); not with several processes")
+    pad_vocab_multiple: int = opt(64, "round the vocabulary of a model built from model.config up to a multiple of this (faster matmuls; padded ids are never targets and never generated); 1: off", min=1)
 
 
 @dataclass
@@ -41,6 +42,8 @@ class DataSection:
     packing: bool = opt(True, "concatenate documents (EOS between them) into full max_length blocks; false: one padded block per document piece")
     augment_copies: int = opt(1, "augmented copies added per training document when augmentations are selected (1 doubles the data)", min=0)
     encoding_errors: Literal["strict", "replace"] = opt("strict", "bytes that are not UTF-8: stop with an error naming file and line, or replace them")
+    cache: bool = opt(True, "keep tokenized documents (and a tokenizer trained on data.train) in data.cache_dir, keyed by text and tokenizer, and reuse them")
+    cache_dir: str = opt("", "folder of the tokenization cache; empty: $TUNESMITH_CACHE, else ~/.cache/tunesmith")
 
 
 @dataclass
@@ -56,6 +59,9 @@ class TrainSection:
     seed: int = opt(42, "seed for weights, data order, dropout and augmentation", min=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "auto: bf16 where supported, fp16 on other GPUs, fp32 on CPU")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    chunked_loss: bool = opt(True, "cross-entropy from the final hidden states in chunks of tokens, so full fp32 logits are never held (exact; off: plain logits)")
+    compile: bool = opt(False, "torch.compile the model (compiling takes a while; pays off on long GPU runs)")
+    auto_batch_size: bool = opt(False, "on GPU, use the largest micro-batch that fits (probed) and keep the global batch by lowering accumulation; on CPU the recipe's batch is kept")
     eval_every_steps: int = opt(0, "evaluate every N optimizer steps as well as at each epoch end (0: epoch ends only)", min=0)
     log_every_steps: int = opt(10, "send training metrics to the sinks every N optimizer steps", min=1)
     overwrite: bool = opt(False, "allow replacing a finished or unfinished run in output_dir")

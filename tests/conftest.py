@@ -59,3 +59,16 @@ def fake_package(root, name, entry_points, modules):
     for mod, source in modules.items():
         (root / f"{mod}.py").write_text(textwrap.dedent(source))
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tokenization_cache(tmp_path_factory):
+    """Tests (and the CLI runs they start) keep the tokenization cache in a temporary folder, not ~/.cache."""
+    folder = tmp_path_factory.mktemp("tunesmith-cache")
+    old = os.environ.get("TUNESMITH_CACHE")
+    os.environ["TUNESMITH_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("TUNESMITH_CACHE", None)
+    else:
+        os.environ["TUNESMITH_CACHE"] = old

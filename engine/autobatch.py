@@ -1,0 +1,61 @@
+"""Automatic micro-batch sizing (train.auto_batch_size).
+
+The recipe's global batch (batch_size x gradient_accumulation_steps per process) is kept: the
+micro-batch is the largest divisor of it whose forward and backward at full data.max_length fit in
+GPU memory, probed from the largest down; accumulation becomes global / micro. On CPU memory is
+not probed (running out there means swapping, not an error), so the recipe's batch is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+def divisors_descending(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def largest_fitting(per_process_batch: int, fits: Callable[[int], bool]) -> int:
+    """The largest divisor of per_process_batch for which fits(size) is True (1 if none is)."""
+    for size in divisors_descending(per_process_batch):
+        if fits(size):
+            return size
+    return 1
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def probe(model: Any, loss_fn: Callable[[Any, dict], Any], accelerator: Any, size: int, max_length: int, vocab: int) -> bool:
+    """One forward and backward of `size` full blocks; False when it runs out of memory."""
+    ids = torch.randint(0, vocab, (size, max_length), device=accelerator.device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    try:
+        with accelerator.autocast():
+            loss, _ = loss_fn(model, batch)
+        accelerator.backward(loss / ids.numel())
+        return True
+    except RuntimeError as exc:
+        if not is_oom(exc):
+            raise
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        del ids, batch
+        torch.cuda.empty_cache()
+
+
+def choose(model: Any, loss_fn: Callable, accelerator: Any, batch_size: int, accumulation: int, max_length: int, vocab: int,
+           log: Callable[[str], None] = print) -> tuple[int, int]:
+    """(micro-batch, accumulation) keeping batch_size x accumulation; reports the choice."""
+    per_process = batch_size * accumulation
+    if accelerator.device.type != "cuda":
+        log(f"auto batch size: on {accelerator.device.type} the recipe's batch is kept ({batch_size} x accumulation {accumulation})")
+        return batch_size, accumulation
+    micro = largest_fitting(per_process, lambda n: probe(model, loss_fn, accelerator, n, max_length, vocab))
+    log(f"auto batch size: micro-batch {micro} x accumulation {per_process // micro} "
+        f"(recipe: {batch_size} x {accumulation}; largest of the divisors of {per_process} that fits at {max_length} tokens)")
+    return micro, per_process // micro

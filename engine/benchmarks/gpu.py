@@ -1,0 +1,189 @@
+"""Benchmark 4: the distilgpt2 architecture on one GPU, engine vs Hugging Face Trainer (no network needed).
+
+    python -m engine.benchmarks.gpu [--steps 30] [--json PATH]
+
+The model is GPT2Config(n_layer=6) (distilgpt2's shape: 768 wide, 12 heads, vocab 50257) with random
+weights, saved once to a temporary folder with a byte-level BPE tokenizer trained on the text
+(tinyshakespeare from ../shared/data when present, else recipes/data/quickstart.txt), so LoRA can
+be applied as to a pretrained model. Sequence length 512. Two settings, each through the engine
+(`engine.bench`, a fresh process) and through Trainer (a fresh process):
+
+(a) the original design's: batch 4 x accumulation 4, fp16, gradient checkpointing, LoRA r=16 on c_attn;
+(b) throughput: full fine-tuning, bf16, the largest micro-batch that fits (engine: train.auto_batch_size;
+    Trainer: auto_find_batch_size), torch.compile.
+
+Reported: tokens/s after the first step, peak GPU memory (torch.cuda.max_memory_allocated), and MFU:
+model FLOPs (6 x parameters + attention 12 x layers x width x seq per token; LoRA-frozen weights
+still cost 4 of the 6) over the bf16 matmul rate measured on this GPU. Targets: (a) peak <= 3 GiB and
+>= 2x Trainer's tokens/s; (b) >= 45% MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SEQ = 512
+SETTINGS = {
+    "a": {"name": "(a) design: fp16, ckpt, LoRA r=16, 4x4", "lora": True, "precision": "fp16", "checkpointing": True,
+          "batch": 4, "accumulation": 4, "compile": False, "auto": False},
+    "b": {"name": "(b) throughput: bf16, full, auto batch, compile", "lora": False, "precision": "bf16", "checkpointing": False,
+          "batch": 64, "accumulation": 1, "compile": True, "auto": True},
+}
+
+
+def text_file() -> Path:
+    repo = Path(__file__).resolve().parents[2]
+    shared = repo.parent / "shared" / "data" / "tinyshakespeare-train.txt"
+    return shared if shared.exists() else repo / "recipes" / "data" / "quickstart.txt"
+
+
+def make_model_folder(folder: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from engine.model import train_tokenizer
+
+    text = text_file().read_text(encoding="utf-8")
+    tokenizer = train_tokenizer([text], 8192)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=6, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    n, t0 = 20, time.perf_counter()
+    for _ in range(n):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * n / (time.perf_counter() - t0) / 1e12
+
+
+def flops_per_token(lora: bool) -> float:
+    from transformers import GPT2Config
+
+    c = GPT2Config(n_layer=6)
+    params = c.n_layer * 12 * c.n_embd**2 + c.vocab_size * c.n_embd  # matmul weights incl. lm_head
+    attention = 12 * c.n_layer * c.n_embd * SEQ
+    return (4 if lora else 6) * params + attention  # frozen weights: no weight-gradient matmul
+
+
+def engine_overrides(s: dict, folder: Path, data: Path, steps: int) -> list[str]:
+    return [f"model.base={folder}", f"data.train={data}", f"data.max_length={SEQ}", "data.txt_documents=paragraph",
+            f"lora.enabled={str(s['lora']).lower()}", "lora.r=16", "lora.alpha=32", 'lora.target_modules=["c_attn"]',
+            f"train.precision={s['precision']}", f"train.gradient_checkpointing={str(s['checkpointing']).lower()}",
+            f"train.batch_size={s['batch']}", f"train.gradient_accumulation_steps={s['accumulation']}",
+            f"train.compile={str(s['compile']).lower()}", f"train.auto_batch_size={str(s['auto']).lower()}", "train.learning_rate=1e-4"]
+
+
+def one_engine(key: str, folder: Path, steps: int, out: Path) -> None:
+    from engine import bench
+
+    s = SETTINGS[key]
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "lora.toml"
+    torch.cuda.reset_peak_memory_stats()
+    r = bench.run(str(recipe), engine_overrides(s, folder, text_file(), steps), steps)
+    out.write_text(json.dumps({"tokens_per_second": r["tokens_per_second"], "peak_bytes": torch.cuda.max_memory_allocated(),
+                               "micro_batch": r["micro_batch"], "accumulation": r["accumulation"]}))
+
+
+def one_trainer(key: str, folder: Path, steps: int, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+    from engine import data as data_mod
+    from engine.benchmarks.common import BlockDataset
+
+    s = SETTINGS[key]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    docs = [d for d in text_file().read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    blocks = data_mod.build_blocks(docs, tokenizer, SEQ, packing=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+    if s["lora"]:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.1, target_modules=["c_attn"]))
+    marks: list[tuple[float, int]] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            marks.append((time.perf_counter(), args.per_device_train_batch_size * args.gradient_accumulation_steps))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, max_steps=steps, per_device_train_batch_size=s["batch"], gradient_accumulation_steps=s["accumulation"],
+            learning_rate=1e-4, fp16=s["precision"] == "fp16", bf16=s["precision"] == "bf16",
+            gradient_checkpointing=s["checkpointing"], torch_compile=s["compile"], auto_find_batch_size=s["auto"],
+            logging_steps=10**9, save_strategy="no", report_to=[], dataloader_num_workers=2, disable_tqdm=True,
+        )
+        torch.cuda.reset_peak_memory_stats()
+        Trainer(model=model, args=args, train_dataset=BlockDataset(blocks, SEQ), callbacks=[Timer()]).train()
+    tokens = sum(n for _, n in marks[1:]) * (SEQ - 1)
+    out.write_text(json.dumps({"tokens_per_second": tokens / (marks[-1][0] - marks[0][0]), "peak_bytes": torch.cuda.max_memory_allocated(),
+                               "micro_batch": marks[-1][1] // s["accumulation"], "accumulation": s["accumulation"]}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.benchmarks.gpu", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run (the first is warm-up)")
+    ap.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    ap.add_argument("--one", nargs=4, default=None, help=argparse.SUPPRESS)  # LOOP KEY FOLDER OUT (subprocess)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: benchmark 4 needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.one:
+        loop, key, folder, out = args.one
+        (one_engine if loop == "engine" else one_trainer)(key, Path(folder), args.steps, Path(out))
+        return 0
+    from engine.benchmarks.common import machine, table, write_json
+
+    os.environ.setdefault("TUNESMITH_CACHE", tempfile.mkdtemp())
+    peak = matmul_tflops()
+    results: dict = {"machine": machine(), "gpu": torch.cuda.get_device_name(), "bf16_matmul_tflops": peak}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "distilgpt2-random"
+        make_model_folder(folder)
+        for key, s in SETTINGS.items():
+            for loop in ("engine", "trainer"):
+                out = Path(tmp) / f"{loop}-{key}.json"
+                proc = subprocess.run([sys.executable, "-m", "engine.benchmarks.gpu", "--steps", str(args.steps),
+                                       "--one", loop, key, str(folder), str(out)], capture_output=True, text=True)
+                if proc.returncode != 0 or not out.exists():
+                    print(f"{loop} {key} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                    results[f"{loop}-{key}"] = {"error": proc.stderr[-2000:]}
+                    continue
+                r = json.loads(out.read_text())
+                r["mfu"] = r["tokens_per_second"] * flops_per_token(s["lora"]) / (peak * 1e12)
+                results[f"{loop}-{key}"] = r
+                rows.append((s["name"], loop, f"{r['micro_batch']} x {r['accumulation']}", f"{r['tokens_per_second']:,.0f}",
+                             f"{r['peak_bytes'] / 2**30:.2f}", f"{r['mfu']:.1%}"))
+                print(f"{s['name']} {loop}: {r['tokens_per_second']:,.0f} tok/s", flush=True)
+    print(f"\nGPU benchmark, distilgpt2 architecture, seq {SEQ}; {results['gpu']}, bf16 matmul {peak:.0f} TFLOP/s; {machine()}")
+    print(table(["setting", "loop", "micro x accum", "tokens/s", "peak GiB", "MFU"], rows))
+    ea, ta, eb = (results.get(k, {}) for k in ("engine-a", "trainer-a", "engine-b"))
+    if "tokens_per_second" in ea and "tokens_per_second" in ta:
+        print(f"(a) targets: peak <= 3 GiB (measured {ea['peak_bytes'] / 2**30:.2f}), >= 2x Trainer (measured {ea['tokens_per_second'] / ta['tokens_per_second']:.2f}x)")
+    if "mfu" in eb:
+        print(f"(b) target: MFU >= 45% (measured {eb['mfu']:.1%})")
+    write_json(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
