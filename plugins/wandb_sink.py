@@ -58,6 +58,15 @@ class Wandb:
         self.run.log({prefix + k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     @hookimpl
+    def log_samples(self, samples, step):
+        if self.run is None:
+            return
+        import wandb
+
+        rows = [[s["step"], s["prompt"], s["text"]] for s in samples]
+        self.run.log({"eval/samples": wandb.Table(columns=["step", "prompt", "text"], data=rows)}, step=step)
+
+    @hookimpl
     def on_train_end(self, context, summary):
         if self.run is not None:
             self.run.finish()

@@ -209,6 +209,30 @@ def test_hook_on_train_end(run):
     assert call["final_written"] and call["summary"] == run["summary"]
 
 
+def test_hook_log_samples(tmp_path):
+    """Sample generations at each evaluation reach the sinks, as written to samples.jsonl."""
+    import json
+
+    got = []
+
+    class RecSamples:
+        @hookimpl
+        def log_metrics(self, metrics, step, phase):
+            pass
+
+        @hookimpl
+        def log_samples(self, samples, step):
+            got.append((step, [dict(s) for s in samples]))
+
+    with inline_plugin("sink", "rec_samples", RecSamples):
+        run_recipe(tiny_recipe(tmp_path, sinks=["rec_samples"], train={
+            "max_steps": 4, "eval_every_steps": 2, "sample_prompts": ["The boat", "A sea"], "sample_max_new_tokens": 4}))
+    assert [step for step, _ in got] == [2, 4]
+    assert all([s["prompt"] for s in samples] == ["The boat", "A sea"] for _, samples in got)
+    written = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert written == [s for _, samples in got for s in samples]
+
+
 def _plugins(tmp_path):
     from engine import recipe as recipe_mod
 
