@@ -1,0 +1,44 @@
+"""Reading documents: .txt (paragraph, line, file), .jsonl, .csv and .parquet with data.text_field, globs."""
+
+import json
+
+import pytest
+
+from engine import data as data_mod
+from engine.errors import UserError
+from engine.recipe import DataSection
+
+DOCS = ["The boat left the harbour.", "Anna sold bread, apples and honey.", "A cold wind came from the sea."]
+
+
+def read(path, **keys):
+    return data_mod.load_documents(str(path), "data.train", DataSection(train=str(path), **keys))[0]
+
+
+def test_txt_documents_are_paragraphs_lines_or_the_whole_file(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("First line\nsecond line\n\nSecond paragraph\n\n\nThird\n", encoding="utf-8")
+    assert [d.strip() for d in read(path)] == ["First line\nsecond line", "Second paragraph", "Third"]
+    assert read(path, txt_documents="line") == ["First line", "second line", "Second paragraph", "Third"]
+    (whole,) = read(path, txt_documents="file")
+    assert "First line" in whole and "Third" in whole
+
+
+def test_jsonl_csv_and_parquet_use_the_text_field(tmp_path):
+    import datasets
+
+    rows = [{"id": i, "body": d} for i, d in enumerate(DOCS)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "d.csv"), index=False)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    for name in ("d.jsonl", "d.csv", "d.parquet"):
+        assert read(tmp_path / name, text_field="body") == DOCS, name
+    with pytest.raises(UserError, match=r"has no column 'text' \(columns: id, body\); set data.text_field"):
+        read(tmp_path / "d.jsonl")
+
+
+def test_glob_and_folder_read_every_matching_file_in_order(tmp_path):
+    for i, d in enumerate(DOCS):
+        (tmp_path / f"part{i}.txt").write_text(d + "\n", encoding="utf-8")
+    assert [d.strip() for d in read(tmp_path / "part*.txt")] == DOCS
+    assert [d.strip() for d in read(tmp_path)] == DOCS  # a folder: every supported file in it
