@@ -511,13 +511,13 @@ def test_early_stopping_state_survives_resume_and_run_ends_with_best_weights(tmp
 # ------------------------------------------------------------------ warnings on resume
 def test_resume_warns_about_each_change_and_about_missing_rng_state(tmp_path, capsys):
     recipe = recipe_for(tmp_path, callbacks=(), max_steps=10)
-    run_recipe({**recipe, "train": {**recipe["train"], "max_steps": 5}})  # stops... as a finished run at step 5
+    run_recipe({**recipe, "train": {**recipe["train"], "max_steps": 5}})  # a finished run with a checkpoint at step 5, continued to 10
     run = tmp_path / "run"
     (run / "checkpoints" / checkpoint.name_for(5) / "random_states_0.pkl").unlink()
     capsys.readouterr()
     changed = {**recipe, "train": {**recipe["train"], "batch_size": 4, "seed": 7, "resume": "auto"}}
     changed["data"] = {**recipe["data"], "max_length": 24}
-    run_recipe(changed)
+    assert run_recipe(changed)["steps"] == 10  # a finished run can be continued further
     err = capsys.readouterr().err
     assert "resuming with a changed train.batch_size: 8 in the checkpoint, 4 now" in err
     assert "resuming with a changed train.seed: 42 in the checkpoint, 7 now" in err
