@@ -11,13 +11,19 @@ def warmup_steps_for(total_steps: int, warmup_ratio: float, warmup_steps: int) -
     return warmup_steps if warmup_steps > 0 else int(-(-total_steps * warmup_ratio // 1))
 
 
+@dataclass
+class WarmupOptions:
+    """The warmup options every scheduler plugin shares."""
+
+    warmup_ratio: float = opt(0.1, "share of the steps spent warming up linearly from 0", min=0.0, lt=1.0)
+    warmup_steps: int = opt(0, "warmup length in steps; wins over warmup_ratio when > 0", min=0)
+
+
 class Cosine:
     """Linear warmup from 0, then cosine decay from the peak learning rate to a floor."""
 
     @dataclass
-    class Options:
-        warmup_ratio: float = opt(0.1, "share of the steps spent warming up linearly from 0", min=0.0, lt=1.0)
-        warmup_steps: int = opt(0, "warmup length in steps; wins over warmup_ratio when > 0", min=0)
+    class Options(WarmupOptions):
         min_lr_ratio: float = opt(0.0, "floor of the decay as a share of the peak learning rate", min=0.0, max=1.0)
 
     def __init__(self, options: Options):

@@ -13,14 +13,9 @@ from transformers.optimization import (
 )
 
 from engine import hookimpl
+from engine.plugins.cosine import WarmupOptions as _Warmup
 from engine.plugins.cosine import warmup_steps_for
 from engine.schema import opt
-
-
-@dataclass
-class _Warmup:
-    warmup_ratio: float = opt(0.1, "share of the steps spent warming up linearly from 0", min=0.0, lt=1.0)
-    warmup_steps: int = opt(0, "warmup length in steps; wins over warmup_ratio when > 0", min=0)
 
 
 class Linear:
