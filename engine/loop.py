@@ -129,6 +129,8 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
     cache = tokcache.cache_root(recipe.data)
     tokenizer = model_mod.load_tokenizer(recipe.model, docs.train, cache)
     model = model_mod.load_model(recipe.model, tokenizer)
+    if recipe.model.fused_activations:
+        model_mod.use_fused_activations(model)
     limit = model_mod.context_length(model)
     if limit is not None and recipe.data.max_length > limit:
         raise UserError(f"data.max_length: {recipe.data.max_length} is longer than the model's context ({limit}); set it to {limit} or less")

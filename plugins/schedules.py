@@ -1,20 +1,15 @@
 """Linear decay, constant, and cosine with hard restarts; each with a linear warmup from 0.
 
-The schedules are transformers' own (transformers.optimization); these plugins only choose one and
-turn warmup_ratio / warmup_steps into a number of steps, as the cosine plugin does.
+The curves are transformers' formulas, kept in plugins/cosine.py (see there why they are not imported
+from transformers.optimization); these plugins choose one and turn warmup_ratio / warmup_steps into
+a number of steps, as the cosine plugin does.
 """
 
 from dataclasses import dataclass
 
-from transformers.optimization import (
-    get_constant_schedule_with_warmup,
-    get_cosine_with_hard_restarts_schedule_with_warmup,
-    get_linear_schedule_with_warmup,
-)
-
 from engine import hookimpl
 from engine.plugins.cosine import WarmupOptions as _Warmup
-from engine.plugins.cosine import warmup_steps_for
+from engine.plugins.cosine import constant_factor, cosine_restarts_factor, linear_factor, schedule, warmup_steps_for
 from engine.schema import opt
 
 
@@ -29,7 +24,7 @@ class Linear:
     @hookimpl
     def create_scheduler(self, optimizer, total_steps):
         warmup = warmup_steps_for(total_steps, self.options.warmup_ratio, self.options.warmup_steps)
-        return get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+        return schedule(optimizer, linear_factor, warmup=warmup, total=total_steps)
 
 
 class Constant:
@@ -43,7 +38,7 @@ class Constant:
     @hookimpl
     def create_scheduler(self, optimizer, total_steps):
         warmup = warmup_steps_for(total_steps, self.options.warmup_ratio, self.options.warmup_steps)
-        return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+        return schedule(optimizer, constant_factor, warmup=warmup)
 
 
 class CosineRestarts:
@@ -60,6 +55,4 @@ class CosineRestarts:
     def create_scheduler(self, optimizer, total_steps):
         o = self.options
         warmup = warmup_steps_for(total_steps, o.warmup_ratio, o.warmup_steps)
-        return get_cosine_with_hard_restarts_schedule_with_warmup(
-            optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, num_cycles=o.cycles
-        )
+        return schedule(optimizer, cosine_restarts_factor, warmup=warmup, total=total_steps, cycles=o.cycles)

@@ -179,6 +179,32 @@ def test_schedulers_give_the_documented_learning_rate_at_known_steps(tmp_path):
     assert _lrs(tmp_path / "w", "cosine", {"warmup_steps": 30})[30] == pytest.approx(peak)  # warmup_steps wins
 
 
+def test_scheduler_curves_equal_transformers_schedules_step_by_step(tmp_path):
+    """The curves are written out (plugins/cosine.py says why); they must stay transformers' own."""
+    from transformers import optimization as tf
+
+    def tf_lrs(make, total=100):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        sched = make(optimizer)
+        lrs = [sched.get_last_lr()[0]]
+        for _ in range(total):
+            optimizer.step()
+            sched.step()
+            lrs.append(sched.get_last_lr()[0])
+        return lrs
+
+    pairs = [
+        (_lrs(tmp_path / "a", "cosine", {"warmup_steps": 7, "min_lr_ratio": 0.15}),
+         tf_lrs(lambda o: tf.get_cosine_with_min_lr_schedule_with_warmup(o, 7, 100, min_lr_rate=0.15))),
+        (_lrs(tmp_path / "b", "linear", {"warmup_steps": 13}), tf_lrs(lambda o: tf.get_linear_schedule_with_warmup(o, 13, 100))),
+        (_lrs(tmp_path / "c", "constant", {"warmup_steps": 9}), tf_lrs(lambda o: tf.get_constant_schedule_with_warmup(o, 9))),
+        (_lrs(tmp_path / "d", "cosine_restarts", {"warmup_steps": 5, "cycles": 4}),
+         tf_lrs(lambda o: tf.get_cosine_with_hard_restarts_schedule_with_warmup(o, 5, 100, num_cycles=4))),
+    ]
+    for ours, theirs in pairs:
+        assert ours == pytest.approx(theirs, abs=1e-12)
+
+
 # ------------------------------------------------------------------ early stopping
 def _patience(tmp_path, **options):
     _, plugins = plugins_of(tmp_path, early_stopping="patience", patience=options)

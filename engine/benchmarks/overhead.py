@@ -32,18 +32,17 @@ def run_engine(recipe_path: str, overrides: list[str], steps: int) -> float:
 
 def run_bare(recipe: Any, prep: dict[str, Any], steps: int) -> float:
     import torch.nn.functional as F
-    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
     from engine import data as data_mod, model as model_mod
-    from engine.plugins.cosine import warmup_steps_for
+    from engine.plugins.cosine import cosine_factor, schedule, warmup_steps_for
 
     t = recipe.train
     sched = next(s for s in recipe.plugins if s.kind == "scheduler").options
     model = common.fresh_model(recipe, prep["tokenizer"])
     model.train()
     opt = torch.optim.AdamW(model_mod.param_groups(model, t.weight_decay), lr=t.learning_rate)
-    lr = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup_steps_for(steps, sched.warmup_ratio, sched.warmup_steps), steps,
-                                                     min_lr_rate=sched.min_lr_ratio)
+    lr = schedule(opt, cosine_factor, warmup=warmup_steps_for(steps, sched.warmup_ratio, sched.warmup_steps), total=steps,
+                  min_lr_ratio=sched.min_lr_ratio)
     blocks, pad = prep["train_blocks"], prep["tokenizer"].pad_token_id
     per_epoch = len(blocks) // (t.batch_size * t.gradient_accumulation_steps)
     marks = []
