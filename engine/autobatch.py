@@ -48,14 +48,23 @@ def probe(model: Any, loss_fn: Callable[[Any, dict], Any], accelerator: Any, siz
         torch.cuda.empty_cache()
 
 
+def probes_memory(device: torch.device) -> bool:
+    """Whether running out of memory on this device is an error to catch (CUDA), rather than swapping."""
+    return device.type == "cuda"
+
+
 def choose(model: Any, loss_fn: Callable, accelerator: Any, batch_size: int, accumulation: int, max_length: int, vocab: int,
            log: Callable[[str], None] = print) -> tuple[int, int]:
     """(micro-batch, accumulation) keeping batch_size x accumulation; reports the choice."""
     per_process = batch_size * accumulation
-    if accelerator.device.type != "cuda":
+    if not probes_memory(accelerator.device):
         log(f"auto batch size: on {accelerator.device.type} the recipe's batch is kept ({batch_size} x accumulation {accumulation})")
         return batch_size, accumulation
-    micro = largest_fitting(per_process, lambda n: probe(model, loss_fn, accelerator, n, max_length, vocab))
+    # the probes' random ids and dropout must not move the random state: a run with auto batch size
+    # trains exactly as one with the chosen micro-batch set by hand
+    cuda_devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        micro = largest_fitting(per_process, lambda n: probe(model, loss_fn, accelerator, n, max_length, vocab))
     log(f"auto batch size: micro-batch {micro} x accumulation {per_process // micro} "
         f"(recipe: {batch_size} x {accumulation}; largest of the divisors of {per_process} that fits at {max_length} tokens)")
     return micro, per_process // micro

@@ -1,5 +1,6 @@
 """Speed features: chunked cross-entropy, vocabulary padding, tokenization cache, micro-batch sizing, bench."""
 
+import dataclasses
 import json
 
 import pytest
@@ -152,6 +153,124 @@ def test_largest_fitting_micro_batch_keeps_the_global_batch():
     assert autobatch.largest_fitting(12, fits) == 4
     assert tried == [12, 6, 4]  # divisors of 12, largest first, stopping at the first that fits
     assert autobatch.largest_fitting(7, lambda s: False) == 1
+
+
+def test_auto_batch_size_probes_down_to_the_largest_micro_batch_that_fits(tmp_path, monkeypatch, capsys):
+    """The GPU path, on CPU: the model raises CUDA's out-of-memory error for more than 4 rows, as a GPU
+    would, and the device is declared one whose memory is probed. The run must pick 4 x accumulation 4
+    for the recipe's 8 x 2 and train exactly as a run given 4 x 4 by hand (same global batch, same
+    random state: probing consumes none)."""
+    from transformers import AutoModelForCausalLM
+
+    from engine import autobatch, model as model_mod
+
+    real_load, probed = model_mod.load_model, []
+
+    def load_model(cfg, tokenizer):
+        model = real_load(cfg, tokenizer)
+
+        def guard(module, args, kwargs):
+            rows = kwargs["input_ids"].shape[0]
+            if module.training:
+                probed.append(rows)
+                if rows > 4:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        model.register_forward_pre_hook(guard, with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(model_mod, "load_model", load_model)
+    monkeypatch.setattr(autobatch, "probes_memory", lambda device: True)
+    auto = run_recipe(tiny_recipe(tmp_path / "auto", train={"batch_size": 8, "gradient_accumulation_steps": 2, "auto_batch_size": True, "max_steps": 4}))
+    assert "auto batch size: micro-batch 4 x accumulation 4 (recipe: 8 x 2;" in capsys.readouterr().out
+    assert probed[:3] == [16, 8, 4]  # divisors of 16, largest first, down to the first that fits
+    assert max(probed[3:]) == 4 and len(probed[3:]) == 4 * 4  # training: 4 steps of 4 micro-batches of 4
+    probed.clear()
+    by_hand = run_recipe(tiny_recipe(tmp_path / "hand", train={"batch_size": 4, "gradient_accumulation_steps": 4, "max_steps": 4}))
+    assert auto["tokens_seen"] == by_hand["tokens_seen"] and auto["train_loss"] == pytest.approx(by_hand["train_loss"], rel=1e-6)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "auto" / "run" / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "hand" / "run" / "final").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fused_activations_compute_the_same_function_in_one_kernel(tmp_path):
+    from engine import model as model_mod
+    from engine.testing import inline_plugin
+    from engine.hookspecs import hookimpl
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = _tiny_gpt2()
+    assert model.config.activation_function == "gelu_new"
+    batch = _batch(300)
+    loss, grads = _loss_and_grads(model, batch, loss_mod.plain_loss_sum)
+    assert model_mod.use_fused_activations(model) == 2
+    assert {type(block.mlp.act).__name__ for block in model.transformer.h} == {"GELUTanh"}
+    fused_loss, fused_grads = _loss_and_grads(model, batch, loss_mod.plain_loss_sum)
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-12, atol=1e-12)
+    for name in grads:
+        torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+    seen = {}
+
+    class Capture:
+        @dataclasses.dataclass
+        class Options:
+            pass
+
+        def __init__(self, options=None):
+            pass
+
+        @hookimpl
+        def on_train_start(self, context):
+            seen[context.recipe.model.fused_activations] = {type(m).__name__ for m in context.model.modules() if "GELU" in type(m).__name__}
+
+    with inline_plugin("callback", "capture_acts", Capture):
+        for on in (True, False):
+            run_recipe(tiny_recipe(tmp_path / str(on), model={"fused_activations": on}, callbacks=["capture_acts"]))
+    assert seen == {True: {"GELUTanh"}, False: {"NewGELUActivation"}}
+    # only the module in memory changed: the saved model still names gelu_new and loads as usual
+    final = tmp_path / "True" / "run" / "final"
+    assert AutoConfig.from_pretrained(final).activation_function == "gelu_new"
+    assert type(AutoModelForCausalLM.from_pretrained(final).transformer.h[0].mlp.act).__name__ == "NewGELUActivation"
+
+
+def test_compile_trains_and_saves_plain_weights(tmp_path):
+    """train.compile: the model is compiled (inductor, on CPU here), trains, and final/ holds weights
+    under their usual names, which load back with transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.testing import inline_plugin
+    from engine.hookspecs import hookimpl
+
+    kinds = []
+
+    class Capture:
+        @dataclasses.dataclass
+        class Options:
+            pass
+
+        def __init__(self, options=None):
+            pass
+
+        @hookimpl
+        def on_step_end(self, context, metrics):
+            kinds.append(type(context.model).__name__)
+
+    one_layer = {"config": {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64,
+                            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}}
+    with inline_plugin("callback", "capture_model", Capture):
+        compiled = run_recipe(tiny_recipe(tmp_path / "compiled", train={"compile": True, "max_steps": 3}, callbacks=["capture_model"], model=one_layer))
+    assert kinds == ["OptimizedModule"] * 3
+    eager = run_recipe(tiny_recipe(tmp_path / "eager", train={"max_steps": 3}, model=one_layer))
+    # the same math through other kernels: the same losses and weights up to float rounding
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "compiled" / "run" / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "eager" / "run" / "final").state_dict()
+    assert a.keys() == b.keys() and not any("_orig_mod" in name for name in a)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_bench_command_measures_without_writing_a_run(tmp_path):
