@@ -300,3 +300,23 @@ def test_shakespeare_recipe_validates_with_speed_defaults():
     assert "chunked_loss = true" in result.stdout and "pad_vocab_multiple = 64" in result.stdout
     assert 'train = "../shared/data/tinyshakespeare-train.txt"' in result.stdout
     assert 'txt_documents = "file"' in result.stdout
+
+
+def test_gpu_benchmark_plumbing_runs_on_cpu(tmp_path):
+    """Benchmark 4 needs a GPU to mean anything; --smoke runs its every engine and Trainer run on CPU with a
+    tiny model, so a GPU session only has to run it (its recipes and Trainer arguments are checked here)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "-m", "engine.benchmarks.gpu", "--smoke", "--json", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["smoke"] is True
+    shapes = {key: (results[key]["micro_batch"], results[key]["accumulation"]) for key in ("engine-a", "trainer-a", "engine-b", "trainer-b")}
+    assert shapes == {"engine-a": (4, 4), "trainer-a": (4, 4), "engine-b": (4, 1), "trainer-b": (4, 1)}, results
+    assert all(results[key]["tokens_per_second"] > 0 for key in shapes)
+    assert "SMOKE RUN ON CPU" in proc.stdout

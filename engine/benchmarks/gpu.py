@@ -1,6 +1,7 @@
 """Benchmark 4: the distilgpt2 architecture on one GPU, engine vs Hugging Face Trainer (no network needed).
 
     python -m engine.benchmarks.gpu [--steps 30] [--json PATH]
+    python -m engine.benchmarks.gpu --smoke      # the same plumbing on CPU: tiny model, fp32, no compile, 3 steps
 
 The model is GPT2Config(n_layer=6) (distilgpt2's shape: 768 wide, 12 heads, vocab 50257) with random
 weights, saved once to a temporary folder with a byte-level BPE tokenizer trained on the text
@@ -16,6 +17,10 @@ Reported: tokens/s after the first step, peak GPU memory (torch.cuda.max_memory_
 model FLOPs (6 x parameters + attention 12 x layers x width x seq per token; LoRA-frozen weights
 still cost 4 of the 6) over the bf16 matmul rate measured on this GPU. Targets: (a) peak <= 3 GiB and
 >= 2x Trainer's tokens/s; (b) >= 45% MFU.
+
+--smoke runs every run of the benchmark on CPU in a minute (a 1-layer, 64-wide model at seq 64, fp32,
+no compile, 3 steps) so that the script's recipes, Trainer arguments and data plumbing are checked
+where there is no GPU (tests/test_speed.py does); its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -46,21 +51,46 @@ def text_file() -> Path:
     return shared if shared.exists() else repo / "recipes" / "data" / "quickstart.txt"
 
 
-def make_model_folder(folder: Path) -> None:
+def smoke_settings() -> None:
+    """--smoke: every setting on CPU with a tiny model (the numbers mean nothing)."""
+    global SEQ
+    SEQ = 64
+    for s in SETTINGS.values():
+        s.update(precision="fp32", compile=False, batch=min(s["batch"], 4))
+
+
+def make_model_folder(folder: Path, smoke: bool = False) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from engine.model import train_tokenizer
 
     text = text_file().read_text(encoding="utf-8")
-    tokenizer = train_tokenizer([text], 8192)
+    tokenizer = train_tokenizer([text], 512 if smoke else 8192)
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=6, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    shape = {"n_layer": 1, "n_embd": 64, "n_head": 2, "n_positions": SEQ} if smoke else {"n_layer": 6}
+    config = GPT2Config(**shape, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_bytes() -> int:
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+
 def matmul_tflops() -> float:
+    if not torch.cuda.is_available():
+        return float("nan")
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
@@ -95,9 +125,9 @@ def one_engine(key: str, folder: Path, steps: int, out: Path) -> None:
 
     s = SETTINGS[key]
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "lora.toml"
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     r = bench.run(str(recipe), engine_overrides(s, folder, text_file(), steps), steps)
-    out.write_text(json.dumps({"tokens_per_second": r["tokens_per_second"], "peak_bytes": torch.cuda.max_memory_allocated(),
+    out.write_text(json.dumps({"tokens_per_second": r["tokens_per_second"], "peak_bytes": peak_bytes(),
                                "micro_batch": r["micro_batch"], "accumulation": r["accumulation"]}))
 
 
@@ -120,7 +150,7 @@ def one_trainer(key: str, folder: Path, steps: int, out: Path) -> None:
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
+            synchronize()
             marks.append((time.perf_counter(), args.per_device_train_batch_size * args.gradient_accumulation_steps))
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,11 +159,12 @@ def one_trainer(key: str, folder: Path, steps: int, out: Path) -> None:
             learning_rate=1e-4, fp16=s["precision"] == "fp16", bf16=s["precision"] == "bf16",
             gradient_checkpointing=s["checkpointing"], torch_compile=s["compile"], auto_find_batch_size=s["auto"],
             logging_steps=10**9, save_strategy="no", report_to=[], dataloader_num_workers=2, disable_tqdm=True,
+            use_cpu=not torch.cuda.is_available(),
         )
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak()
         Trainer(model=model, args=args, train_dataset=BlockDataset(blocks, SEQ), callbacks=[Timer()]).train()
     tokens = sum(n for _, n in marks[1:]) * (SEQ - 1)
-    out.write_text(json.dumps({"tokens_per_second": tokens / (marks[-1][0] - marks[0][0]), "peak_bytes": torch.cuda.max_memory_allocated(),
+    out.write_text(json.dumps({"tokens_per_second": tokens / (marks[-1][0] - marks[0][0]), "peak_bytes": peak_bytes(),
                                "micro_batch": marks[-1][1] // s["accumulation"], "accumulation": s["accumulation"]}))
 
 
@@ -141,9 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.benchmarks.gpu", description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run (the first is warm-up)")
     ap.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    ap.add_argument("--smoke", action="store_true", help="check the plumbing on CPU: tiny model, 3 steps (numbers mean nothing)")
     ap.add_argument("--one", nargs=4, default=None, help=argparse.SUPPRESS)  # LOOP KEY FOLDER OUT (subprocess)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.smoke:
+        smoke_settings()
+        args.steps = min(args.steps, 3)
+    elif not torch.cuda.is_available():
         print("error: benchmark 4 needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.one:
@@ -154,16 +189,18 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TUNESMITH_CACHE", tempfile.mkdtemp())
     peak = matmul_tflops()
-    results: dict = {"machine": machine(), "gpu": torch.cuda.get_device_name(), "bf16_matmul_tflops": peak}
+    results: dict = {"machine": machine(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (smoke)",
+                     "bf16_matmul_tflops": peak, "smoke": args.smoke}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "distilgpt2-random"
-        make_model_folder(folder)
+        make_model_folder(folder, args.smoke)
         for key, s in SETTINGS.items():
             for loop in ("engine", "trainer"):
                 out = Path(tmp) / f"{loop}-{key}.json"
                 proc = subprocess.run([sys.executable, "-m", "engine.benchmarks.gpu", "--steps", str(args.steps),
-                                       "--one", loop, key, str(folder), str(out)], capture_output=True, text=True)
+                                       *(["--smoke"] if args.smoke else []), "--one", loop, key, str(folder), str(out)],
+                                      capture_output=True, text=True)
                 if proc.returncode != 0 or not out.exists():
                     print(f"{loop} {key} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
                     results[f"{loop}-{key}"] = {"error": proc.stderr[-2000:]}
@@ -174,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((s["name"], loop, f"{r['micro_batch']} x {r['accumulation']}", f"{r['tokens_per_second']:,.0f}",
                              f"{r['peak_bytes'] / 2**30:.2f}", f"{r['mfu']:.1%}"))
                 print(f"{s['name']} {loop}: {r['tokens_per_second']:,.0f} tok/s", flush=True)
-    print(f"\nGPU benchmark, distilgpt2 architecture, seq {SEQ}; {results['gpu']}, bf16 matmul {peak:.0f} TFLOP/s; {machine()}")
+    print(f"\nGPU benchmark{' SMOKE RUN ON CPU (numbers mean nothing)' if args.smoke else ''}, distilgpt2 architecture, seq {SEQ}; {results['gpu']}, bf16 matmul {peak:.0f} TFLOP/s; {machine()}")
     print(table(["setting", "loop", "micro x accum", "tokens/s", "peak GiB", "MFU"], rows))
     ea, ta, eb = (results.get(k, {}) for k in ("engine-a", "trainer-a", "engine-b"))
     if "tokens_per_second" in ea and "tokens_per_second" in ta:
