@@ -104,6 +104,7 @@ def train(recipe: Recipe, write_run: bool = True) -> dict[str, Any]:
 def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) -> dict[str, Any]:
     import transformers
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     transformers.utils.logging.disable_progress_bar()
@@ -113,6 +114,10 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
     out = check_output_dir(recipe) if write_run else Path(cfg.output_dir)
     resume_from = checkpoint.resume_point(cfg, out) if write_run else None
     distributed.check_before_start(recipe.model)
+    # Accelerate keeps precision and compile settings in a process-wide singleton: forget the previous
+    # run's (Python API, tests), else a second run in one process silently reuses them or is refused.
+    # The process group (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision=choose_precision(cfg.precision), dynamo_backend="inductor" if cfg.compile else "no",
         **distributed.accelerator_options(),

@@ -156,3 +156,14 @@ def test_generate_command_continues_a_prompt(tmp_path):
     result = run_cli("generate", str(tmp_path / "run"), "--prompt", "The harbour", "--seed", "1", "sampling.max_new_tokens=10")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("The harbour") and len(result.stdout.strip()) > len("The harbour")
+
+
+def test_runs_in_one_process_each_get_their_own_precision(tmp_path, capsys):
+    """Accelerate keeps precision in a process-wide singleton; a second run in one process (Python API,
+    notebooks) with another precision must train with it, not be refused or silently reuse the first."""
+    fp32 = run_recipe(tiny_recipe(tmp_path / "fp32", train={"precision": "fp32", "max_steps": 2}))
+    bf16 = run_recipe(tiny_recipe(tmp_path / "bf16", train={"precision": "bf16", "max_steps": 2}))
+    out = capsys.readouterr().out
+    assert "precision fp32" in out and "precision bf16" in out
+    assert fp32["steps"] == bf16["steps"] == 2
+    assert bf16["train_loss"] != fp32["train_loss"]  # bf16 autocast rounds differently: it really ran in bf16
