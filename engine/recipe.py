@@ -28,7 +28,7 @@ class ModelSection:
     trust_remote_code: bool = opt(False, "allow custom model code from the hub (off unless you trust it)")
     attention: Literal["sdpa", "eager"] = opt("sdpa", "attention implementation")
     device_map: Literal["", "auto"] = opt("", "\"auto\": one process spreads a model.base too large for one GPU over every GPU it sees (from_pretrained's device_map); not with several processes")
-    fused_activations: bool = opt(True, "run tanh-approximate GELUs written out in Python (transformers' gelu_new, gelu_fast: GPT-2 and others) as PyTorch's one fused kernel; the same function up to float rounding, about 15% faster steps on CPU")
+    fused_activations: bool = opt(True, "run tanh-approximate GELUs written out in Python (transformers' gelu_new, gelu_fast: GPT-2 and others) as PyTorch's one fused kernel; the same function up to float rounding, fewer and faster kernels")
     pad_vocab_multiple: int = opt(64, "round the vocabulary of a model built from model.config up to a multiple of this (faster matmuls; padded ids are never targets and never generated); 1: off", min=1)
 
 
