@@ -35,7 +35,11 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int) -> Any:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tok.train_from_iterator(documents, trainer=trainer)
+    # long documents in pieces cut at clean line breaks: the same pre-tokens, so the same tokenizer,
+    # counted on all cores (engine/tokcache.py)
+    from engine.tokcache import pieces
+
+    tok.train_from_iterator((piece for doc in documents for piece in pieces(doc)), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS)
 
 

@@ -14,7 +14,9 @@ inside). Delete the folder to clear it; data.cache = false turns it off.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,6 +24,7 @@ import numpy as np
 
 BIG_INPUT_CHARS = 20_000_000  # show a progress bar from this many characters on
 BATCH_DOCS = 1000
+PIECE_CHARS = 1 << 16  # documents longer than this are encoded in pieces, on all cores (byte-level BPE)
 stats = {"tokenized": 0, "reused": 0, "tokenizers_trained": 0, "tokenizers_reused": 0}
 
 
@@ -52,19 +55,68 @@ def tokenizer_hash(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
+# A line break between two non-space characters ("...d\nT..."): no pre-token of a byte-level BPE
+# (GPT-2's or Llama-3's split pattern) spans it, and the text on each side splits the same alone.
+_CLEAN_BREAK = re.compile(r"(?<=\S\n)(?=\S)")
+
+
+def splits_exactly(tokenizer: Any) -> bool:
+    """Whether cutting documents at clean line breaks leaves this tokenizer's ids unchanged.
+
+    True for byte-level BPE without a normalizer or an added prefix space (GPT-2, Llama 3, Qwen and
+    the tokenizers this engine trains): merges never cross a pre-token boundary, and a clean line
+    break is one. False otherwise (e.g. SentencePiece-style tokenizers that mark each start).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None or backend.pre_tokenizer is None:
+        return False
+    state = json.loads(backend.pre_tokenizer.__getstate__())
+    parts = state.get("pretokenizers", [state]) if state.get("type") == "Sequence" else [state]
+    return (any(p.get("type") == "ByteLevel" for p in parts)
+            and all(p.get("type") in ("ByteLevel", "Split") and not p.get("add_prefix_space", False) for p in parts))
+
+
+def pieces(document: str, size: int = PIECE_CHARS) -> list[str]:
+    """The document cut at the first clean line break after every `size` characters."""
+    bounds, start = [0], 0
+    while len(document) - start > size:
+        found = _CLEAN_BREAK.search(document, start + size)
+        if found is None:
+            break
+        start = found.start()
+        bounds.append(start)
+    bounds.append(len(document))
+    return [document[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
 def _encode(documents: Sequence[str], tokenizer: Any, log: Callable[[str], None]) -> list[list[int]]:
-    """Token ids of each document followed by EOS; fast tokenizers encode a batch on all cores."""
+    """Token ids of each document followed by EOS.
+
+    Fast tokenizers encode a batch of texts on all cores; a long document (one file read whole) is
+    encoded as pieces cut at clean line breaks when that gives the same ids (splits_exactly).
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     eos = tokenizer.eos_token_id
     docs = list(documents)
     stats["tokenized"] += 1
-    if sum(len(d) for d in docs) < BIG_INPUT_CHARS:
-        return [seq + [eos] for seq in tokenizer(docs, add_special_tokens=False)["input_ids"]]
-    from tqdm.auto import tqdm
+    owner: list[int] = []
+    texts: list[str] = []
+    split = splits_exactly(tokenizer) and any(len(d) > PIECE_CHARS for d in docs)
+    for i, doc in enumerate(docs):
+        parts = pieces(doc) if split else [doc]
+        texts.extend(parts)
+        owner.extend([i] * len(parts))
+    batches = range(0, len(texts), BATCH_DOCS)
+    if sum(len(d) for d in docs) >= BIG_INPUT_CHARS:
+        from tqdm.auto import tqdm
 
-    out: list[list[int]] = []
-    for start in tqdm(range(0, len(docs), BATCH_DOCS), desc="tokenizing", unit="batch"):
-        out.extend(seq + [eos] for seq in tokenizer(docs[start : start + BATCH_DOCS], add_special_tokens=False)["input_ids"])
+        batches = tqdm(batches, desc="tokenizing", unit="batch")
+    out: list[list[int]] = [[] for _ in docs]
+    for start in batches:
+        for i, ids in zip(owner[start : start + BATCH_DOCS], tokenizer(texts[start : start + BATCH_DOCS], add_special_tokens=False)["input_ids"]):
+            out[i].extend(ids)
+    for ids in out:
+        ids.append(eos)
     return out
 
 

@@ -320,3 +320,74 @@ def test_gpu_benchmark_plumbing_runs_on_cpu(tmp_path):
     assert shapes == {"engine-a": (4, 4), "trainer-a": (4, 4), "engine-b": (4, 1), "trainer-b": (4, 1)}, results
     assert all(results[key]["tokens_per_second"] > 0 for key in shapes)
     assert "SMOKE RUN ON CPU" in proc.stdout
+
+
+def _llama3_style_tokenizer(text):
+    """A byte-level BPE with Llama 3's split pattern (Split + ByteLevel without regex), trained here."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainer=trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
+                                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def test_long_documents_are_tokenized_in_pieces_with_exactly_the_same_ids():
+    """One long document (a whole file) is encoded and trained on as pieces cut at clean line breaks, on
+    all cores; the ids and the trained tokenizer must equal those of the whole document."""
+    from engine import tokcache
+    from engine.model import train_tokenizer
+    from tests.conftest import REPO
+
+    paragraphs = (REPO / "recipes" / "data" / "quickstart.txt").read_text(encoding="utf-8").split("\n\n")
+    # one document with every kind of break: single and double newlines, CRLF, indents, trailing spaces
+    joins = ["\n", "\n\n", "\r\n", "\n  ", " \n", "\n\n\n", ".\n"]
+    document = "".join(p + joins[i % len(joins)] for i, p in enumerate(paragraphs))
+    assert len(tokcache.pieces(document)) > 3
+
+    ours = train_tokenizer([document], 400)  # trained on the pieces
+    whole = _trained_on_whole(document)
+    assert ours.backend_tokenizer.to_str() == whole.backend_tokenizer.to_str()
+
+    for tok in (ours, _llama3_style_tokenizer(document)):
+        assert tokcache.splits_exactly(tok)
+        expected = tok([document], add_special_tokens=False)["input_ids"][0] + [tok.eos_token_id]
+        assert tokcache._encode([document, "short one"], tok, print) == [expected, tok("short one", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+
+
+def _trained_on_whole(document):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([document], trainer=trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def test_tokenizers_that_mark_word_starts_are_never_split():
+    """SentencePiece-style tokenizers (Metaspace, a normalizer) would change at a cut: they keep whole documents."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from engine import tokcache
+
+    meta = Tokenizer(models.BPE())
+    meta.pre_tokenizer = pre_tokenizers.Metaspace()
+    assert not tokcache.splits_exactly(PreTrainedTokenizerFast(tokenizer_object=meta))
+    normalized = Tokenizer(models.BPE())
+    normalized.normalizer = normalizers.NFKC()
+    normalized.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert not tokcache.splits_exactly(PreTrainedTokenizerFast(tokenizer_object=normalized))
+    prefixed = Tokenizer(models.BPE())
+    prefixed.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert not tokcache.splits_exactly(PreTrainedTokenizerFast(tokenizer_object=prefixed))
