@@ -391,3 +391,48 @@ def test_tokenizers_that_mark_word_starts_are_never_split():
     prefixed = Tokenizer(models.BPE())
     prefixed.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     assert not tokcache.splits_exactly(PreTrainedTokenizerFast(tokenizer_object=prefixed))
+
+
+def _benchmark(module, *args, timeout=600):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    return subprocess.run([sys.executable, "-m", f"engine.benchmarks.{module}", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_benchmark_1_runs_engine_and_trainer_and_prints_its_table(tmp_path, shared_data):
+    """Benchmark 1 end to end at 2 steps: both runs train the same model on the same data and are evaluated alike."""
+    out = tmp_path / "b1.json"
+    proc = _benchmark("shakespeare", "--json", str(out), "train.max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Quality per second" in proc.stdout and "target: <= 1.886 nats/char in <= 52.5 s" in proc.stdout
+    r = json.loads(out.read_text())
+    engine, trainer = r["engine"], r["trainer"]
+    assert engine["steps"] == trainer["steps"] == 2 and engine["seconds"] > 0 and trainer["seconds"] > 0
+    # 2 steps from the same initial weights: both near the untrained model's value, and close to each other
+    assert 3.0 < engine["nats_per_char"] < 4.5 and abs(engine["nats_per_char"] - trainer["nats_per_char"]) < 0.1
+
+
+def test_benchmark_2_runs_its_four_loops_and_prints_its_table(tmp_path):
+    out = tmp_path / "b2.json"
+    proc = _benchmark("overhead", "--steps", "3", "--rounds", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x bare (engine's kernels)" in proc.stdout and "targets: engine >= 0.95x" in proc.stdout
+    r = json.loads(out.read_text())
+    assert set(r["tokens_per_second"]) == {"engine", "bare loop, engine's kernels", "bare loop, stock model + AdamW", "HF Trainer"}
+    assert all(v > 0 for v in r["tokens_per_second"].values()) and r["engine_vs_bare"] > 0
+
+
+def test_benchmark_3_measures_what_checkpointing_chunking_and_8bit_state_save(tmp_path):
+    """One distilgpt2-wide layer at seq 512: logits (512 x 50257) exceed a chunk, so every row differs."""
+    out = tmp_path / "b3.json"
+    proc = _benchmark("memory", "--layers", "1", "--seq", "512", "--batch", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "promised" in proc.stdout
+    r = json.loads(out.read_text())
+    acts = {(a["checkpointing"], a["chunked_loss"]): a["bytes"] for a in r["activations"]}
+    assert acts[(True, False)] < acts[(False, False)] and acts[(False, True)] < acts[(False, False)]
+    assert acts[(True, True)] < min(acts[(True, False)], acts[(False, True)])
+    assert r["optimizer"]["adamw8bit_bytes"] < 0.3 * r["optimizer"]["adamw_bytes"]
