@@ -194,6 +194,17 @@ def test_auto_batch_size_probes_down_to_the_largest_micro_batch_that_fits(tmp_pa
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+class _Callback:
+    """Base of the throwaway callback plugins below: no options."""
+
+    @dataclasses.dataclass
+    class Options:
+        pass
+
+    def __init__(self, options=None):
+        pass
+
+
 def test_fused_activations_compute_the_same_function_in_one_kernel(tmp_path):
     from engine import model as model_mod
     from engine.testing import inline_plugin
@@ -213,14 +224,7 @@ def test_fused_activations_compute_the_same_function_in_one_kernel(tmp_path):
 
     seen = {}
 
-    class Capture:
-        @dataclasses.dataclass
-        class Options:
-            pass
-
-        def __init__(self, options=None):
-            pass
-
+    class Capture(_Callback):
         @hookimpl
         def on_train_start(self, context):
             seen[context.recipe.model.fused_activations] = {type(m).__name__ for m in context.model.modules() if "GELU" in type(m).__name__}
@@ -245,14 +249,7 @@ def test_compile_trains_and_saves_plain_weights(tmp_path):
 
     kinds = []
 
-    class Capture:
-        @dataclasses.dataclass
-        class Options:
-            pass
-
-        def __init__(self, options=None):
-            pass
-
+    class Capture(_Callback):
         @hookimpl
         def on_step_end(self, context, metrics):
             kinds.append(type(context.model).__name__)
