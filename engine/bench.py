@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+from engine import report
 from engine.testing import inline_plugin
 from engine.hookspecs import hookimpl
 
@@ -97,9 +98,7 @@ def print_report(r: dict[str, Any]) -> None:
         (r["peak_memory_kind"], f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB"),
         ("last train loss", f"{r['train_loss']:.4f}"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    print("\n".join(report.label_lines(rows)))
 
 
 def main(path: str, overrides: list[str], steps: int, json_path: str | None = None) -> int:

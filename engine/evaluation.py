@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from engine import data as data_mod
+from engine import report
 
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,5 +134,4 @@ def result_table(result: dict[str, Any]) -> str:
         ("perplexity", f"{result['perplexity']:.3f}"),
         ("bits/char", f"{result['bits_per_character']:.4f}"),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return "\n".join(report.label_lines(rows))

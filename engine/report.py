@@ -83,6 +83,12 @@ def start_lines(
     return lines
 
 
+def label_lines(rows: list[tuple[str, Any]]) -> list[str]:
+    """Label / value pairs as lines, values aligned after the longest label."""
+    width = max(len(label) for label, _ in rows)
+    return [f"{label:<{width}}  {value}" for label, value in rows]
+
+
 def duration(seconds: float) -> str:
     seconds = int(round(max(0.0, seconds)))
     h, rest = divmod(seconds, 3600)
@@ -124,6 +130,5 @@ def summary_table(summary: dict[str, Any], out: Path, final_dir: str = "final") 
         files.append(("best model", out / "best"))
     files += [("metrics", out / "metrics.json"), ("curves", out / "curves.png"), ("samples", out / "samples.jsonl")]
     files = [(name, path) for name, path in files if path.exists() or name in ("run folder", "model", "metrics")]
-    width = max(len(name) for name, _ in files)
-    lines += [f"{name:<{width}}  {path}" for name, path in files]
+    lines += label_lines(files)
     return "\n".join(lines)
