@@ -31,7 +31,26 @@ class EarlyStopDecision:
 
 @dataclass
 class TrainContext:
-    """Handed to lifecycle hooks. Attributes are read-only by convention except through methods."""
+    """What lifecycle hooks (on_train_start, on_step_end, on_evaluate, on_train_end) receive.
+
+    Read its attributes; change the run only through its methods.
+
+    recipe: the validated recipe (`recipe.train.learning_rate`, `recipe.resolved()` for a plain dict of every key).
+    accelerator: Accelerate's Accelerator (`is_main_process`, `num_processes`, `device`, `print`).
+    model: the model being trained, as Accelerate prepared it (DDP/FSDP wrapper on several processes;
+        `accelerator.unwrap_model(model)` is the transformers or peft model).
+    tokenizer: the run's tokenizer.
+    optimizer: Accelerate's AcceleratedOptimizer wrapping what create_optimizer returned (its
+        `.optimizer` is that object; `param_groups` is shared).
+    scheduler: what create_scheduler returned (a torch LRScheduler), stepped once after each optimizer step.
+    output_dir: the run folder (a Path). Use run_file(name) for a file of your own in it.
+    total_steps: the optimizer steps this run takes in all (train.max_steps, or epochs x steps per epoch).
+    state: the counters (TrainState: step, epoch, step_in_epoch, tokens_seen, best_metric, best_step,
+        skipped_steps); on a resume they already hold the checkpoint's values in on_train_start.
+    resumed: True when this run continues from a checkpoint (train.resume).
+    resumed_from_step: the optimizer step of that checkpoint (0 for a fresh run).
+    stop_reason: why training ends early ("" while it runs on).
+    """
 
     recipe: Any
     accelerator: Any
@@ -43,6 +62,8 @@ class TrainContext:
     total_steps: int
     state: TrainState = field(default_factory=TrainState)
     stop_reason: str = ""
+    resumed: bool = False
+    resumed_from_step: int = 0
 
     def request_stop(self, reason: str) -> None:
         """End training after the current step (on every process)."""
@@ -51,3 +72,17 @@ class TrainContext:
     @property
     def is_main_process(self) -> bool:
         return bool(self.accelerator.is_main_process)
+
+    def run_file(self, name: str) -> Path:
+        """The path of a file (or folder) of this plugin's inside the run folder, e.g. run_file("metrics.csv").
+
+        Raises UserError for a name that leads out of the run folder (absolute, ".."). The name is
+        remembered, so train.overwrite removes the file with the rest of the run. Call it on the main
+        process (where sinks write); the folder itself exists by on_train_start.
+        """
+        from engine import runfolder
+
+        path = runfolder.inside(self.output_dir, name)
+        if self.is_main_process:
+            runfolder.record_plugin_file(self.output_dir, name)
+        return path

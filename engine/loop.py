@@ -36,7 +36,7 @@ from engine.context import EarlyStopDecision, TrainContext, TrainState
 from engine.errors import Interrupted, RunFailed, UserError
 from engine.manager import Plugins
 from engine.recipe import Recipe
-from engine import report, tomlfile
+from engine import report, runfolder, tomlfile
 from engine.samples import sample_at_evaluation
 
 RUN_FILES = ("recipe.toml", "metrics.jsonl", "metrics.json", "final", "best", "checkpoints", "samples.txt", "samples.jsonl", "curves.png")
@@ -188,6 +188,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
     if accelerator.is_main_process and write_run:
         if recipe.train.overwrite or (cfg.resume and restored is None):
             clear_run_files(out, cfg.final_dir)
+            runfolder.clear_plugin_files(out)  # what plugins wrote through context.run_file
         if restored is not None:
             checkpoint.rewind_run_folder(out, restored)
         out.mkdir(parents=True, exist_ok=True)
@@ -206,6 +207,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
     if restored is not None:
         restore_trainable(accelerator.unwrap_model(model), restored.weights)
         state.__dict__.update(restored.state)
+        context.resumed, context.resumed_from_step = True, state.step
         best_weights, progress = restored.best_weights, restored.progress
         loss_window, window_tokens, loss = progress["loss_window"], progress["window_tokens"], progress["last_loss"]
         last_eval, train_seconds, last_checkpoint = progress["last_eval"], progress["train_seconds"], restored.path

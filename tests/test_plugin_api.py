@@ -1,0 +1,160 @@
+"""The public API plugins use: `engine.__all__`, the run folder rules for a plugin's files, resume."""
+
+import ast
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import engine
+from engine import UserError, hookimpl, inline_plugin, run_recipe, tiny_recipe
+from engine.errors import Interrupted
+from tests.conftest import REPO
+
+EXAMPLE = REPO / "tests" / "example_plugin" / "tunesmith_example.py"
+
+
+def test_every_name_in_all_imports_from_engine():
+    assert len(set(engine.__all__)) == len(engine.__all__)
+    for name in engine.__all__:
+        assert getattr(engine, name) is not None, name
+        namespace: dict = {}
+        exec(f"from engine import {name}", namespace)
+        assert namespace[name] is getattr(engine, name)
+    assert set(engine.__all__) <= set(dir(engine))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        engine.nope  # noqa: B018
+
+
+def test_import_engine_loads_neither_torch_nor_transformers():
+    """`python -m engine check` stays fast: the public API names torch-heavy things lazily."""
+    code = "import sys, engine; print(sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def engine_imports(path):
+    """(how, name) for every import of engine or one of its modules in a Python file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "engine":
+            found.extend((node.module, alias.name) for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.extend((alias.name, "") for alias in node.names if alias.name.split(".")[0] == "engine")
+    return found
+
+
+@pytest.mark.parametrize("path", [EXAMPLE], ids=lambda p: p.name)
+def test_example_package_and_new_sinks_use_only_the_public_api(path):
+    imports = engine_imports(path)
+    assert imports, "imports nothing from engine?"
+    for module, name in imports:
+        assert module == "engine" and name in engine.__all__, f"{path.name}: {module} {name} is not engine's public API"
+
+
+# ------------------------------------------------------------------ a plugin's files in the run folder
+def test_run_file_resolves_inside_the_run_folder_and_refuses_to_leave_it(tmp_path):
+    from engine.runfolder import inside
+
+    out = tmp_path / "run"
+    assert inside(out, "metrics.csv") == out / "metrics.csv"
+    assert inside(out, "tb/./events") == out / "tb" / "events"
+    for bad in ("../x.csv", "/etc/passwd", "", ".", "a/../../x"):
+        with pytest.raises(UserError, match="inside the run folder|file name inside"):
+            inside(out, bad)
+
+
+class Interrupt:
+    """Sends this process SIGTERM after step `at`: the run writes a checkpoint and stops (exit 143)."""
+
+    at = 0
+
+    @hookimpl
+    def on_step_end(self, context, metrics):
+        if context.state.step == Interrupt.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Resumed:
+    """Records what on_train_start sees about a resume."""
+
+    seen: list = []
+
+    @hookimpl
+    def on_train_start(self, context):
+        Resumed.seen.append((context.resumed, context.resumed_from_step, context.state.step))
+
+
+def example_module():
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        import tunesmith_example
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))
+    return tunesmith_example
+
+
+@pytest.mark.slow
+def test_readme_csv_example_keeps_its_rows_through_a_resume(tmp_path):
+    """The example sink appends on resume: rows before the interruption survive, none is doubled."""
+    CsvMetrics = example_module().CsvMetrics
+    recipe = tiny_recipe(tmp_path, sinks=["jsonl", "csv_metrics"], callbacks=["interrupt", "resumed"],
+                         csv_metrics={"columns": ["loss", "val_loss"]}, train={"max_steps": 8, "eval_every_steps": 4})
+    run = tmp_path / "run"
+    Resumed.seen = []
+    with inline_plugin("sink", "csv_metrics", CsvMetrics), inline_plugin("callback", "interrupt", Interrupt), \
+            inline_plugin("callback", "resumed", Resumed):
+        Interrupt.at = 5
+        with pytest.raises(Interrupted):
+            run_recipe(recipe)
+        before = list(csv.reader((run / "metrics.csv").open()))
+        assert [r[1] for r in before[1:]] == ["1", "2", "3", "4", "4", "5"]  # train 1-4, eval 4, train 5
+        Interrupt.at = 0
+        run_recipe({**recipe, "train": {**recipe["train"], "resume": "auto"}})
+    assert Resumed.seen == [(False, 0, 0), (True, 5, 5)]
+    rows = list(csv.reader((run / "metrics.csv").open()))
+    assert rows[: len(before)] == before  # what was written before the resume is still there
+    jsonl = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    expected = [[r["phase"], str(r["step"]), str(r.get("loss", "")), str(r.get("val_loss", ""))]
+                for r in jsonl if r["phase"] in ("train", "eval")]
+    assert rows == [["phase", "step", "loss", "val_loss"], *expected]
+    assert [r[1] for r in rows[1:]] == ["1", "2", "3", "4", "4", "5", "6", "7", "8", "8"]
+
+
+@pytest.mark.slow
+def test_overwrite_removes_files_plugins_wrote_through_run_file(tmp_path):
+    class Notes:
+        """Writes notes/steps.txt and a bare file."""
+
+        @hookimpl
+        def on_train_start(self, context):
+            if context.is_main_process:
+                folder = context.run_file("notes")
+                folder.mkdir()
+                (folder / "steps.txt").write_text("hello")
+                context.run_file("plain.dat").write_text("x")
+
+    class Escape:
+        """Asks for a file outside the run folder."""
+
+        @hookimpl
+        def on_train_start(self, context):
+            context.run_file("../outside.txt")
+
+    recipe = tiny_recipe(tmp_path, callbacks=["notes"], train={"max_steps": 2})
+    run = tmp_path / "run"
+    with inline_plugin("callback", "notes", Notes), inline_plugin("callback", "escape", Escape):
+        run_recipe(recipe)
+        assert (run / "notes" / "steps.txt").exists() and (run / "plain.dat").exists()
+        (run / "mine.txt").write_text("a file the user put there")
+        run_recipe({**recipe, "callbacks": [], "train": {**recipe["train"], "overwrite": True}})
+        assert not (run / "notes").exists() and not (run / "plain.dat").exists()
+        assert (run / "mine.txt").read_text() == "a file the user put there"  # not a plugin's: kept
+        with pytest.raises(UserError, match="'../outside.txt': a plugin's files go inside the run folder"):
+            run_recipe({**recipe, "callbacks": ["escape"], "train": {**recipe["train"], "overwrite": True}})
+    assert not (tmp_path / "outside.txt").exists()
