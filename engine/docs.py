@@ -24,7 +24,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def _table(rows: list[tuple[str, str, str, str]], prefix: str) -> list[str]:
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for name, typ, default, help_text in rows:
-        lines.append(f"| `{prefix}{name}` | {typ} | `{default}` | {help_text.replace('|', '/')} |")
+        shown = default if default.startswith("(") else f"`{default}`"  # (required), (not set)
+        lines.append(f"| `{prefix}{name}` | {typ} | {shown} | {help_text.replace('|', '/')} |")
     return lines
 
 

@@ -291,6 +291,10 @@ def select(
             if not dataclasses.is_dataclass(options_schema):
                 errors.append(f"{origin_of(kind.slot)}: {key}: plugin '{name}' from package {info.package}: its Options is not a dataclass; decorate it with @dataclass")
                 continue
+            schema_errors = schema.schema_problems(options_schema)
+            if schema_errors:
+                errors.extend(f"{origin_of(kind.slot)}: {key}: plugin '{name}' from package {info.package}: {p}" for p in schema_errors)
+                continue
             options, option_errors = schema.validate(table, options_schema, f"{name}.", origin_of(name))
             if info.package != BUILTIN_PACKAGE:
                 option_errors = [f"{e} (an option of plugin '{name}' from package {info.package})" for e in option_errors]
@@ -309,4 +313,7 @@ def select(
 
 
 def resolved_options(sel: Selected) -> dict[str, Any]:
-    return dataclasses.asdict(sel.options) if sel.options is not None else {}
+    """The plugin's options as run; an optional option that is not set (None) is left out (TOML has no null)."""
+    if sel.options is None:
+        return {}
+    return {k: v for k, v in dataclasses.asdict(sel.options).items() if v is not None}

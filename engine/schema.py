@@ -47,8 +47,35 @@ def describe_type(tp: Any) -> str:
         return f"a list of {describe_type(inner).removeprefix('an ').removeprefix('a ')}s" if inner is not Any else "a list"
     if origin in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
-        return " or ".join(describe_type(a) for a in args)
+        text = " or ".join(describe_type(a) for a in args)
+        return f"{text} (optional)" if len(args) < len(get_args(tp)) else text
     return getattr(tp, "__name__", str(tp))
+
+
+def allows_none(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
+
+
+def schema_problems(schema: type) -> list[str]:
+    """Mistakes in an Options dataclass itself (not in a recipe): a default of None its type does not
+    allow, a type the validator cannot check. Returns one line per problem."""
+    problems = []
+    try:
+        hints = resolved_hints(schema)
+    except Exception as exc:  # an annotation naming something undefined
+        return [f"its Options' type annotations cannot be read ({type(exc).__name__}: {exc})"]
+    for f in fields_of(schema):
+        tp = hints[f.name]
+        if f.default is None and not allows_none(tp):
+            problems.append(
+                f"option '{f.name}' defaults to None but its type {describe_type(tp)} does not allow it; "
+                f"declare it `{f.name}: {getattr(tp, '__name__', tp)} | None = opt(None, ...)`"
+            )
+        try:
+            _check_value(f.default if f.default is not dataclasses.MISSING else 0, tp)
+        except TypeError:
+            problems.append(f"option '{f.name}': unsupported type {tp!r}; use bool, int, float, str, list[...], dict, Literal[...] or X | None")
+    return problems
 
 
 def _check_value(value: Any, tp: Any) -> tuple[bool, Any]:
@@ -163,7 +190,9 @@ def option_rows(schema: type) -> list[tuple[str, str, str, str]]:
     hints = resolved_hints(schema)
     rows = []
     for f in fields_of(schema):
-        if f.default is not dataclasses.MISSING:
+        if f.default is None:
+            default = "(not set)"
+        elif f.default is not dataclasses.MISSING:
             default = repr(f.default)
         elif f.default_factory is not dataclasses.MISSING:
             default = repr(f.default_factory())

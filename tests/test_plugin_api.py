@@ -158,3 +158,70 @@ def test_overwrite_removes_files_plugins_wrote_through_run_file(tmp_path):
         with pytest.raises(UserError, match="'../outside.txt': a plugin's files go inside the run folder"):
             run_recipe({**recipe, "callbacks": ["escape"], "train": {**recipe["train"], "overwrite": True}})
     assert not (tmp_path / "outside.txt").exists()
+
+
+# ------------------------------------------------------------------ options: optional and required
+def test_optional_and_required_options_are_validated_documented_and_round_trip(tmp_path):
+    from dataclasses import dataclass
+
+    from engine import opt, tomlfile
+    from engine.recipe import from_dict
+    from engine.schema import option_rows
+
+    class Tagger:
+        """Has an optional and a required option."""
+
+        @dataclass(kw_only=True)
+        class Options:
+            weight_decay: float | None = opt(None, "decay; not set: train.weight_decay")
+            project: str = opt(help="where to log")
+            steps: list[int] = opt([1], "steps")
+
+        def __init__(self, options):
+            self.options = options
+
+    def load(**table):
+        return from_dict(tiny_recipe(tmp_path, callbacks=["tagger"], tagger=table), "r.toml")
+
+    with inline_plugin("callback", "tagger", Tagger):
+        with pytest.raises(UserError) as info:
+            load(weight_decay="lots")
+        inline = " (an option of plugin 'tagger' from package (inline))"
+        assert str(info.value).splitlines() == [
+            "r.toml: tagger.weight_decay: expected a number (optional), got 'lots'" + inline,
+            "r.toml: tagger.project: required option is missing (where to log)" + inline,
+        ]
+        recipe = load(project="p")
+        assert recipe.plugin("callback").options.weight_decay is None
+        assert recipe.resolved()["tagger"] == {"project": "p", "steps": [1]}  # not set: left out of recipe.toml
+        assert load(project="p", weight_decay=1).plugin("callback").options.weight_decay == 1.0
+        again = from_dict(tomlfile.loads(tomlfile.dumps(recipe.resolved())), "recipe.toml")
+        assert again.resolved() == recipe.resolved() and again.plugin("callback").options.weight_decay is None
+    assert option_rows(Tagger.Options) == [
+        ("weight_decay", "a number (optional)", "(not set)", "decay; not set: train.weight_decay"),
+        ("project", "a string", "(required)", "where to log"),
+        ("steps", "a list of integers", "[1]", "steps"),
+    ]
+
+
+def test_an_options_class_defaulting_to_none_without_allowing_it_is_the_authors_error(tmp_path):
+    from dataclasses import dataclass
+
+    from engine import opt
+    from engine.recipe import from_dict
+
+    class Sloppy:
+        """weight_decay = None as a sentinel, but typed float."""
+
+        @dataclass
+        class Options:
+            weight_decay: float = opt(None, "decay")
+
+        def __init__(self, options):
+            self.options = options
+
+    with inline_plugin("callback", "sloppy", Sloppy):
+        with pytest.raises(UserError, match=r"callbacks\[0\]: plugin 'sloppy' from package \(inline\): option 'weight_decay' "
+                                            r"defaults to None but its type a number does not allow it; declare it "
+                                            r"`weight_decay: float \| None = opt\(None, ...\)`"):
+            from_dict(tiny_recipe(tmp_path, callbacks=["sloppy"]), "r.toml")
