@@ -23,9 +23,38 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", **limits: Any) -> An
     return dataclasses.field(default=default, metadata=meta)
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Insertions, deletions, substitutions and swaps of two neighbouring letters (optimal string alignment)."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], prev2[j - 2] + 1)
+        prev2, prev = prev, row
+    return prev[-1]
+
+
+def closest(word: str, choices: typing.Iterable[str]) -> str | None:
+    """The choice a typo most likely meant: the fewest edits (a swap of two letters counts as one,
+    so `cvs` is `csv`, not `curves`), at most a third of the word; otherwise difflib's closest match."""
+    choices = list(dict.fromkeys(choices))
+    if not choices:
+        return None
+    distances = {c: edit_distance(word.lower(), c.lower()) for c in choices}
+    best = min(distances.values())
+    if best <= max(1, len(word) // 3):
+        tied = [c for c in choices if distances[c] == best]
+        return (difflib.get_close_matches(word, tied, n=1, cutoff=0.0) or tied)[0]
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def did_you_mean(word: str, choices: typing.Iterable[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+    match = closest(word, choices)
+    return f" (did you mean {prefix}{match}?)" if match else ""
 
 
 def describe_type(tp: Any) -> str:

@@ -225,3 +225,76 @@ def test_an_options_class_defaulting_to_none_without_allowing_it_is_the_authors_
                                             r"defaults to None but its type a number does not allow it; declare it "
                                             r"`weight_decay: float \| None = opt\(None, ...\)`"):
             from_dict(tiny_recipe(tmp_path, callbacks=["sloppy"]), "r.toml")
+
+
+# ------------------------------------------------------------------ errors: typos, first cause only
+def test_did_you_mean_counts_swapped_letters_as_one_edit():
+    from engine.schema import did_you_mean
+
+    assert did_you_mean("cvs", ["curves", "csv", "console"]) == " (did you mean csv?)"
+    assert did_you_mean("adamww", ["adamw", "adamw8bit", "sgd"]) == " (did you mean adamw?)"
+    assert did_you_mean("learnng_rate", ["learning_rate", "weight_decay"], "train.") == " (did you mean train.learning_rate?)"
+    assert did_you_mean("wramup_ratio", ["warmup_ratio", "warmup_steps"]) == " (did you mean warmup_ratio?)"
+    assert did_you_mean("zzzz", ["csv", "curves"]) == ""
+
+
+def test_unknown_plugin_is_reported_once_with_the_swap_suggested(tmp_path):
+    from engine.recipe import from_dict
+
+    class Csv:
+        """A sink called csv."""
+
+        @hookimpl
+        def log_metrics(self, metrics, step, phase):
+            pass
+
+    with inline_plugin("sink", "csv", Csv):
+        with pytest.raises(UserError) as info:
+            from_dict(tiny_recipe(tmp_path, sinks=["jsonl", "cvs"], cvs={"x": 1}), "r.toml")
+        (line,) = info.value.lines
+        assert line.startswith("r.toml: sinks[1]: unknown plugin 'cvs' (did you mean csv?) (available: ")
+    with pytest.raises(UserError) as info:
+        from_dict(tiny_recipe(tmp_path, scheduler="cosin", cosine={"warmup_ratio": 0.2}), "r.toml")
+    assert info.value.lines == ["r.toml: scheduler: unknown plugin 'cosin' (did you mean cosine?) "
+                                "(available: constant, cosine, cosine_restarts, linear)"]
+
+
+# ------------------------------------------------------------------ extends and plugin tables
+def test_extends_drops_an_inherited_table_of_an_unselected_plugin_but_not_the_recipes_own(tmp_path):
+    from engine.recipe import load
+
+    (tmp_path / "data.txt").write_text("some text\n")
+    (tmp_path / "base.toml").write_text(
+        'scheduler = "cosine"\n[data]\ntrain = "data.txt"\n[cosine]\nwarmup_ratio = 0.05\n[patience]\npatience = 2\n')
+    (tmp_path / "child.toml").write_text('extends = "base.toml"\nscheduler = "linear"\n')
+    recipe = load(tmp_path / "child.toml")
+    assert recipe.plugin("scheduler").name == "linear"
+    assert "cosine" not in recipe.resolved() and "patience" not in recipe.resolved()
+
+    # the parent's table, still selected: kept, and the child may change one of its options
+    (tmp_path / "keeps.toml").write_text('extends = "base.toml"\n[cosine]\nmin_lr_ratio = 0.1\n')
+    assert load(tmp_path / "keeps.toml").resolved()["cosine"]["warmup_ratio"] == 0.05
+
+    # the recipe's own table (or one key of it), or the command line's, for an unselected plugin: an error
+    with pytest.raises(UserError) as info:
+        load(tmp_path / "child.toml", ["cosine.warmup_ratio=0.2"])
+    assert info.value.lines == ["command line: cosine: options for plugin 'cosine', which this recipe does not select "
+                                "(add it to scheduler or remove the table)"]
+    (tmp_path / "own.toml").write_text('extends = "base.toml"\nscheduler = "linear"\n[cosine]\nmin_lr_ratio = 0.1\n')
+    with pytest.raises(UserError, match="options for plugin 'cosine', which this recipe does not select"):
+        load(tmp_path / "own.toml")
+
+
+def test_plugins_command_shows_one_plugins_options_defaults_and_package():
+    from tests.conftest import run_cli
+
+    result = run_cli("plugins", "cosine")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert out[0] == 'cosine: a scheduler plugin; select it with  scheduler = "cosine"'
+    assert out[1].startswith("package: tunesmith 0.1.0  (engine.plugins.cosine:Cosine)")
+    row = next(line.split(None, 3) for line in out if line.strip().startswith("cosine.warmup_ratio"))
+    assert row[:3] == ["cosine.warmup_ratio", "a", "number"] and "0.1" in row[3]
+    bad = run_cli("plugins", "cvs")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: plugins: unknown plugin 'cvs'")
+    assert "Traceback" not in bad.stderr
