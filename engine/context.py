@@ -71,6 +71,7 @@ class TrainContext:
 
     @property
     def is_main_process(self) -> bool:
+        """True on the one process that writes the run folder and calls the sinks (rank 0)."""
         return bool(self.accelerator.is_main_process)
 
     def run_file(self, name: str) -> Path:
@@ -86,3 +87,51 @@ class TrainContext:
         if self.is_main_process:
             runfolder.record_plugin_file(self.output_dir, name)
         return path
+
+
+# The metrics each hook receives, by phase: the contract with sinks and callbacks. The generated hook
+# reference (docs/writing-plugins.md) lists them; tests/test_plugin_api.py checks that exactly these are sent.
+_STEP = {
+    "loss": "training loss of this optimizer step: mean over its target tokens (all micro-batches, all processes)",
+    "lr": "learning rate after the scheduler stepped: the rate the next step uses",
+    "grad_norm": "total gradient norm before clipping to train.max_grad_norm (0.0 when clipping is off)",
+    "tokens_seen": "target tokens trained on so far, all processes together",
+    "epoch": "epochs done, fractional (1.5: half-way through the second)",
+    "skipped_steps": "steps skipped for a non-finite loss so far (train.on_nan = \"skip\")",
+}
+METRICS: dict[str, dict[str, str]] = {
+    "step": _STEP,
+    "train": {
+        **_STEP,
+        "loss": "mean of the per-step losses since the previous training log (train.log_every_steps)",
+        "tokens_per_second": "target tokens per second of training since the previous training log",
+    },
+    "eval": {
+        "val_loss": "mean next-token loss on the validation blocks (token-weighted, all processes)",
+        "perplexity": "exp(val_loss)",
+        "val_bpc": "bits per character of the validation text",
+        "val_tokens": "validation target tokens",
+        "epoch": "index of the epoch the evaluation happened in, from 0",
+        "step": "optimizer steps taken",
+        "tokens_seen": "target tokens trained on so far",
+    },
+    "summary": {
+        "val_loss": "validation loss of the final weights",
+        "perplexity": "exp(val_loss)",
+        "val_bpc": "bits per character of the validation text, final weights",
+        "best_val_loss": "lowest validation loss of any evaluation",
+        "best_step": "the step of that evaluation",
+        "train_loss": "loss of the last step",
+        "steps": "optimizer steps taken",
+        "epochs": "epochs done, fractional",
+        "tokens_seen": "target tokens trained on",
+        "tokens_per_second": "tokens_seen over the time spent in training steps",
+        "trainable_params": "parameters trained (the adapter's for LoRA)",
+        "total_params": "parameters of the model",
+        "stopped_early": "true when early stopping or a plugin ended the run before its last step",
+        "stop_reason": "why (a string; empty when it ran to the end)",
+        "skipped_steps": "steps skipped for a non-finite loss",
+        "wall_seconds": "seconds from the start of the run to the end",
+        "processes": "processes that trained",
+    },
+}

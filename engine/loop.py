@@ -316,9 +316,8 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
             log(note)
         if state.step % cfg.log_every_steps == 0 or state.step == total_steps:
             now = time.perf_counter()
-            metrics["loss"] = sum(loss_window) / len(loss_window) if loss_window else float("nan")
-            metrics["tokens_per_second"] = window_tokens / max(1e-9, now - window_start)
-            emit(metrics, "train")
+            emit({**metrics, "loss": sum(loss_window) / len(loss_window) if loss_window else float("nan"),
+                  "tokens_per_second": window_tokens / max(1e-9, now - window_start)}, "train")  # on_step_end keeps the step's loss
             loss_window, window_tokens, window_start = [], 0, now
         plugins.hook.on_step_end(context=context, metrics=metrics)
         epoch_end = state.step_in_epoch >= per_epoch
@@ -343,6 +342,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
                 "total_params": total, "device": str(accelerator.device), "precision": accelerator.mixed_precision}
     if last_eval.get("step") != state.step:  # stopped between evaluations: measure the final weights
         last_eval = evaluate(model, accelerator, val_blocks, batch_size, pad_id, val_chars, cfg.chunked_loss)
+        last_eval.update(epoch=state.epoch, step=state.step, tokens_seen=state.tokens_seen)  # the keys of every evaluation
         emit(last_eval, "eval")
     accelerator.wait_for_everyone()
     save_model(unwrapped, tokenizer, out / cfg.final_dir, accelerator, model)

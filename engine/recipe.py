@@ -73,7 +73,7 @@ class TrainSection:
     final_dir: str = opt("final", "folder inside output_dir for the final model (the Python API names it final_model)")
     sample_prompt: str = opt("", "after training, generate from this prompt and print it (empty: no sample)")
     sample_prompts: list[str] = opt([], "at each evaluation, generate from each of these prompts: appended to samples.jsonl in the run folder and sent to the sinks")
-    sample_max_new_tokens: int = opt(60, "tokens to generate for each sample (sample_prompt and sample_prompts)", min=1)
+    sample_max_new_tokens: int = opt(60, "tokens to generate for each sample (sample_prompt and sample_prompts); wins over the decoding plugin's max_new_tokens", min=1)
 
 
 @dataclass

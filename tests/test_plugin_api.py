@@ -298,3 +298,53 @@ def test_plugins_command_shows_one_plugins_options_defaults_and_package():
     bad = run_cli("plugins", "cvs")
     assert bad.returncode == 2 and bad.stderr.startswith("error: plugins: unknown plugin 'cvs'")
     assert "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------ the documented contract
+class Contract:
+    """Records the metric keys and values every hook receives."""
+
+    calls: list = []
+
+    @hookimpl
+    def log_metrics(self, metrics, step, phase):
+        Contract.calls.append((phase, step, dict(metrics)))
+
+    @hookimpl
+    def on_step_end(self, context, metrics):
+        Contract.calls.append(("step", context.state.step, dict(metrics)))
+        if context.state.step == 5:
+            context.request_stop("enough")  # stops between evaluations: the final measurement is sent too
+
+    @hookimpl
+    def on_evaluate(self, context, metrics):
+        Contract.calls.append(("on_evaluate", context.state.step, dict(metrics)))
+
+
+@pytest.mark.slow
+def test_the_documented_metric_keys_are_the_keys_sent_and_lr_and_grad_norm_mean_what_they_say(tmp_path):
+    from engine.context import METRICS
+
+    Contract.calls = []
+    with inline_plugin("sink", "contract", Contract):
+        run_recipe(tiny_recipe(tmp_path, sinks=["contract"], scheduler="constant", constant={"warmup_steps": 4},
+                               train={"max_steps": 8, "log_every_steps": 2, "eval_every_steps": 4,
+                                      "max_grad_norm": 0.01, "learning_rate": 1e-3}))
+    seen = {}
+    for phase, step, metrics in Contract.calls:
+        seen.setdefault(phase, []).append((step, metrics))
+    assert [s for s, _ in seen["step"]] == [1, 2, 3, 4, 5]
+    assert [s for s, _ in seen["train"]] == [2, 4]
+    assert [s for s, _ in seen["eval"]] == [4, 5] and [s for s, _ in seen["on_evaluate"]] == [4]
+    for phase, documented in (("step", "step"), ("train", "train"), ("eval", "eval"), ("on_evaluate", "eval"), ("summary", "summary")):
+        for step, metrics in seen[phase]:
+            assert set(metrics) == set(METRICS[documented]), (phase, step)
+    # lr is the rate after the scheduler stepped: 1/4 of the peak after the first of 4 warmup steps
+    assert [m["lr"] for _, m in seen["step"]] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    # grad_norm is measured before clipping to 0.01
+    assert all(m["grad_norm"] > 0.05 for _, m in seen["step"])
+    # a training log's loss is the mean of the steps' losses since the previous log; on_step_end has the step's
+    step_loss = {s: m["loss"] for s, m in seen["step"]}
+    assert seen["train"][1][1]["loss"] == pytest.approx((step_loss[3] + step_loss[4]) / 2)
+    summary = seen["summary"][0][1]
+    assert summary["stopped_early"] is True and summary["stop_reason"] == "enough" and summary["steps"] == 5
