@@ -172,6 +172,8 @@ class Plugins:
             where = f"plugin '{sel.name}' from package {sel.info.package}"
             try:
                 sel.instance = cls(sel.options) if getattr(cls, "Options", None) is not None else cls()
+            except UserError as exc:  # the plugin says what the user should do (a missing extra)
+                raise UserError(*(f"{where}: {line}" for line in exc.lines)) from None
             except Exception as exc:  # somebody else's constructor
                 raise UserError(f"{where} failed to start: {type(exc).__name__}: {exc}") from None
             try:

@@ -49,7 +49,8 @@ def engine_imports(path):
     return found
 
 
-@pytest.mark.parametrize("path", [EXAMPLE], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [EXAMPLE, REPO / "plugins" / "tensorboard_sink.py", REPO / "plugins" / "mlflow_sink.py"],
+                         ids=lambda p: p.name)
 def test_example_package_and_new_sinks_use_only_the_public_api(path):
     imports = engine_imports(path)
     assert imports, "imports nothing from engine?"
