@@ -13,7 +13,7 @@ Names whose modules import torch or transformers are loaded on first use, so `im
 """
 
 from engine.context import EarlyStopDecision, TrainContext, TrainState
-from engine.errors import RunFailed, UserError
+from engine.errors import Interrupted, RunFailed, UserError
 from engine.hookspecs import hookimpl
 from engine.schema import opt
 
@@ -23,6 +23,7 @@ __all__ = [
     "opt",
     "UserError",
     "RunFailed",
+    "Interrupted",
     "TrainContext",
     "TrainState",
     "EarlyStopDecision",
