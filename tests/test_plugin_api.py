@@ -321,6 +321,16 @@ class Contract:
     def on_evaluate(self, context, metrics):
         Contract.calls.append(("on_evaluate", context.state.step, dict(metrics)))
 
+    @hookimpl
+    def on_train_start(self, context):
+        from accelerate.optimizer import AcceleratedOptimizer
+
+        Contract.calls.append(("start", 0, {
+            "wrapped": isinstance(context.optimizer, AcceleratedOptimizer),
+            "inner": type(context.optimizer.optimizer).__name__, "total_steps": context.total_steps,
+            "scheduler_lr": context.scheduler.get_last_lr()[0], "resumed": context.resumed,
+        }))
+
 
 @pytest.mark.slow
 def test_the_documented_metric_keys_are_the_keys_sent_and_lr_and_grad_norm_mean_what_they_say(tmp_path):
@@ -334,6 +344,7 @@ def test_the_documented_metric_keys_are_the_keys_sent_and_lr_and_grad_norm_mean_
     seen = {}
     for phase, step, metrics in Contract.calls:
         seen.setdefault(phase, []).append((step, metrics))
+    assert seen["start"] == [(0, {"wrapped": True, "inner": "AdamW", "total_steps": 8, "scheduler_lr": 0.0, "resumed": False})]
     assert [s for s, _ in seen["step"]] == [1, 2, 3, 4, 5]
     assert [s for s, _ in seen["train"]] == [2, 4]
     assert [s for s, _ in seen["eval"]] == [4, 5] and [s for s, _ in seen["on_evaluate"]] == [4]
