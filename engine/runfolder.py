@@ -1,13 +1,66 @@
-"""Finding things in a run folder: the model folder to use, the recipe as run, the metrics."""
+"""The run folder: refusing to replace a run by accident, clearing one, saving a model into it; and
+finding things in it afterwards (the model folder to use, the recipe as run, the metrics)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from engine import tomlfile
 from engine.errors import UserError
+
+RUN_FILES = ("recipe.toml", "metrics.jsonl", "metrics.json", "final", "best", "checkpoints", "samples.txt", "samples.jsonl", "curves.png")
+
+
+def check_output_dir(recipe: Any) -> Path:
+    """Refuse to replace a finished or unfinished run unless train.overwrite or train.resume is set."""
+    from engine import checkpoint
+
+    out = Path(recipe.train.output_dir)
+    final_dir = recipe.train.final_dir
+    if not final_dir or Path(final_dir).name != final_dir or final_dir in (".", "..", "best", "checkpoints"):
+        raise UserError(f"train.final_dir: '{final_dir}' must be a plain folder name other than best or checkpoints (e.g. final)")
+    finished = (out / "metrics.json").exists()
+    if finished and not (recipe.train.overwrite or recipe.train.resume):
+        raise UserError(
+            f"train.output_dir: '{out}' holds a finished run (metrics.json); choose another folder, "
+            f"add train.overwrite=true to replace it, or train.resume=auto to continue it"
+        )
+    unfinished = checkpoint.unfinished_run_problem(out)
+    if unfinished and not (recipe.train.overwrite or recipe.train.resume):
+        raise UserError(unfinished)
+    return out
+
+
+def clear_run_files(out: Path, final_dir: str = "final") -> None:
+    for name in {*RUN_FILES, final_dir}:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def save_model(model: Any, tokenizer: Any, folder: Path, accelerator: Any, wrapped: Any) -> None:
+    """save_pretrained (safetensors) of the model or LoRA adapter, plus the tokenizer, by the main process.
+
+    Called on every process: under FSDP the full weights are gathered from all of them first.
+    """
+    from engine import distributed
+
+    state_dict = distributed.full_state_dict(accelerator, wrapped)
+    if not accelerator.is_main_process:
+        return
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+    tokenizer.save_pretrained(str(tmp))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
 
 
 def is_model_folder(path: Path) -> bool:
