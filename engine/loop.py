@@ -33,7 +33,7 @@ from engine.context import EarlyStopDecision, TrainContext, TrainState
 from engine.errors import Interrupted, RunFailed, UserError
 from engine.manager import Plugins
 from engine.recipe import Recipe
-from engine import report, runfolder, tomlfile
+from engine import report, tomlfile
 from engine import step as step_mod
 from engine.runfolder import check_output_dir, clear_run_files, save_model
 from engine.samples import sample_at_evaluation
@@ -156,7 +156,6 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
     if accelerator.is_main_process and write_run:
         if recipe.train.overwrite or (cfg.resume and restored is None):
             clear_run_files(out, cfg.final_dir)
-            runfolder.clear_plugin_files(out)  # what plugins wrote through context.run_file
         if restored is not None:
             checkpoint.rewind_run_folder(out, restored)
         out.mkdir(parents=True, exist_ok=True)

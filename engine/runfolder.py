@@ -35,6 +35,8 @@ def check_output_dir(recipe: Any) -> Path:
 
 
 def clear_run_files(out: Path, final_dir: str = "final") -> None:
+    """Remove what a run wrote: the engine's files and those plugins asked for with context.run_file."""
+    clear_plugin_files(out)
     for name in {*RUN_FILES, final_dir}:
         path = out / name
         if path.is_dir():
