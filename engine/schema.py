@@ -95,7 +95,7 @@ def schema_problems(schema: type) -> list[str]:
         return [f"its Options' type annotations cannot be read ({type(exc).__name__}: {exc})"]
     for f in fields_of(schema):
         tp = hints[f.name]
-        if f.default is None and not allows_none(tp):
+        if f.default is None and tp is not Any and not allows_none(tp):
             problems.append(
                 f"option '{f.name}' defaults to None but its type {describe_type(tp)} does not allow it; "
                 f"declare it `{f.name}: {getattr(tp, '__name__', tp)} | None = opt(None, ...)`"
