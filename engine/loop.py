@@ -187,6 +187,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
     if restored is not None:
         restore_trainable(accelerator.unwrap_model(model), restored.weights)
         state.__dict__.update(restored.state)
+        context.resumed, context.resumed_from_step = True, state.step
         best_weights, progress = restored.best_weights, restored.progress
         loss_window, window_tokens, loss = progress["loss_window"], progress["window_tokens"], progress["last_loss"]
         last_eval, train_seconds, last_checkpoint = progress["last_eval"], progress["train_seconds"], restored.path
@@ -246,6 +247,8 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
     step = step_mod.OptimizerStep(model, optimizer, scheduler, accelerator, lambda m, b: token_loss_sum(m, b, loss_name)[0],
                                   cfg.max_grad_norm, cfg.on_nan, cfg.compile, cfg.cuda_graphs)
     unread = step_mod.Unread()
+    # on_step_end gets floats: read every step when a plugin implements it, unless it asked for device tensors
+    floats_each_step = any(not getattr(impl.plugin, "step_metrics_on_device", False) for impl in plugins.hook.on_step_end.get_hookimpls())
 
     def settle() -> None:
         """Read the device metrics of the steps since the last read (one sync): losses, skipped steps, train.on_nan."""
@@ -288,7 +291,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
         log_due = state.step % cfg.log_every_steps == 0 or state.step == total_steps
         eval_due = write_run and (epoch_end or (cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0) or state.step == total_steps)
         save_due = write_run and (epoch_end or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0))
-        if log_due or eval_due or save_due:
+        if log_due or eval_due or save_due or floats_each_step:
             settle()
         train_seconds += time.perf_counter() - t0
         if cfg.compile and state.step == first_step + 1:
@@ -303,9 +306,8 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
         }
         if log_due:
             now = time.perf_counter()
-            metrics["loss"] = sum(loss_window) / len(loss_window) if loss_window else float("nan")
-            metrics["tokens_per_second"] = window_tokens / max(1e-9, now - window_start)
-            emit(metrics, "train")
+            emit({**metrics, "loss": sum(loss_window) / len(loss_window) if loss_window else float("nan"),
+                  "tokens_per_second": window_tokens / max(1e-9, now - window_start)}, "train")  # on_step_end keeps the step's loss
             loss_window, window_tokens, window_start = [], 0, now
         plugins.hook.on_step_end(context=context, metrics=metrics)
         if eval_due:
@@ -330,6 +332,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
                 "total_params": total, "device": str(accelerator.device), "precision": accelerator.mixed_precision}
     if last_eval.get("step") != state.step:  # stopped between evaluations: measure the final weights
         last_eval = evaluate(model, accelerator, val_blocks, batch_size, pad_id, val_chars, loss_name)
+        last_eval.update(epoch=state.epoch, step=state.step, tokens_seen=state.tokens_seen)  # the keys of every evaluation
         emit(last_eval, "eval")
     accelerator.wait_for_everyone()
     save_model(unwrapped, tokenizer, out / cfg.final_dir, accelerator, model)

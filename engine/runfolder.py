@@ -35,6 +35,8 @@ def check_output_dir(recipe: Any) -> Path:
 
 
 def clear_run_files(out: Path, final_dir: str = "final") -> None:
+    """Remove what a run wrote: the engine's files and those plugins asked for with context.run_file."""
+    clear_plugin_files(out)
     for name in {*RUN_FILES, final_dir}:
         path = out / name
         if path.is_dir():
@@ -106,3 +108,53 @@ def read_history(run_dir: Path, filename: str = "metrics.jsonl") -> list[dict[st
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------ files plugins write
+PLUGIN_FILES = ".plugin-files"  # names handed out by TrainContext.run_file, one a line: train.overwrite removes them
+
+
+def inside(out: str | Path, name: str) -> Path:
+    """The path of `name` inside the run folder `out`; a UserError when it would lead out of it.
+
+    `name` is a file or folder name relative to the run folder (subfolders allowed: "tb/events");
+    absolute paths, ".." that climbs out and an empty name are refused.
+    """
+    if not isinstance(name, str) or not name.strip() or name.strip() in (".", "./"):
+        raise UserError(f"{name!r}: expected a file name inside the run folder {out} (e.g. metrics.csv)")
+    root = Path(out).resolve()
+    path = (root / name).resolve()
+    if Path(name).is_absolute() or path == root or root not in path.parents:
+        raise UserError(
+            f"'{name}': a plugin's files go inside the run folder {out}; give a plain name such as "
+            f"metrics.csv (no absolute path, no '..')"
+        )
+    return Path(out) / path.relative_to(root)
+
+
+def record_plugin_file(out: str | Path, name: str) -> None:
+    """Remember a plugin's file, so that train.overwrite removes it with the rest of the run."""
+    manifest = Path(out) / PLUGIN_FILES
+    names = manifest.read_text(encoding="utf-8").splitlines() if manifest.exists() else []
+    if name not in names:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        manifest.write_text("".join(f"{n}\n" for n in [*names, name]), encoding="utf-8")
+
+
+def clear_plugin_files(out: str | Path) -> None:
+    """Remove the files and folders plugins wrote through TrainContext.run_file (train.overwrite)."""
+    import shutil
+
+    manifest = Path(out) / PLUGIN_FILES
+    if not manifest.exists():
+        return
+    for name in manifest.read_text(encoding="utf-8").splitlines():
+        try:
+            path = inside(out, name)
+        except UserError:
+            continue  # never follow a hand-edited manifest out of the run folder
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    manifest.unlink()

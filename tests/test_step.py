@@ -187,6 +187,7 @@ class GuardFromFirstStep:
 
     guard: contextlib.ExitStack | None = None
     steps: list = []
+    step_metrics_on_device = True  # else the engine reads the step's loss every step to hand over floats
 
     def on_train_start(self, context):
         GuardFromFirstStep.guard = contextlib.ExitStack()
@@ -215,6 +216,7 @@ def test_the_training_loop_reads_the_device_only_at_log_evaluation_and_checkpoin
     pack = data_mod.pack
     monkeypatch.setattr(data_mod, "pack", lambda seqs, n, stride=None: [b for b in pack(seqs, n, stride) if len(b) == n])
     plugin = type("Guard", (), {k: hookimpl(v) for k, v in vars(GuardFromFirstStep).items() if k.startswith("on_")})
+    plugin.step_metrics_on_device = True
     recipe = tiny_recipe(tmp_path, callbacks=["guard"])
     recipe["train"].update(max_steps=8, log_every_steps=4, save_every_steps=4, epochs=1)
     GuardFromFirstStep.steps = []
@@ -257,3 +259,22 @@ def test_no_sync_in_the_step_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert bool(out.finite)
+
+
+def test_a_plugin_that_reads_on_step_end_gets_floats_every_step(tmp_path):
+    """The hook's contract without step_metrics_on_device: floats, read from the device every step."""
+    from engine.hookspecs import hookimpl
+    from engine.testing import inline_plugin, run_recipe, tiny_recipe
+
+    kinds = []
+
+    class Reader:
+        @hookimpl
+        def on_step_end(self, context, metrics):
+            kinds.append((type(metrics["loss"]).__name__, type(metrics["grad_norm"]).__name__))
+
+    recipe = tiny_recipe(tmp_path, callbacks=["reader"])
+    recipe["train"].update(max_steps=4, log_every_steps=4)
+    with inline_plugin("callback", "reader", Reader):
+        run_recipe(recipe)
+    assert kinds == [("float", "float")] * 4
