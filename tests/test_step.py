@@ -278,3 +278,35 @@ def test_a_plugin_that_reads_on_step_end_gets_floats_every_step(tmp_path):
     with inline_plugin("callback", "reader", Reader):
         run_recipe(recipe)
     assert kinds == [("float", "float")] * 4
+
+
+def test_fp16_with_grad_scaler_skips_a_non_finite_step_without_a_sync():
+    """fp16's GradScaler (CPU stand-in: torch.amp.GradScaler("cpu")): the step's non-finite flag joins the
+    scaler's found_inf, the fused kernel skips the update, the scale backs off, and training goes on."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=16.0)  # what Accelerate builds for fp16 on CUDA
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=96, bos_token_id=0,
+                                       eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = step_mod.OptimizerStep(model, optimizer, scheduler, accelerator, lambda m, b: token_loss_sum(m, b, False)[0], 1.0, "skip")
+    data, n = batches(), tokens_of(batches())
+    with no_device_reads():
+        first = step(data, n)
+    before = snapshot(model)
+    handle = poisoned(model)
+    with no_device_reads():
+        bad = step(data, n)
+    handle.remove()
+    assert not bool(bad.finite) and all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+    assert accelerator.scaler.get_scale() == 8.0  # backed off, as after an overflow
+    with no_device_reads():
+        good = step(data, n)
+    assert bool(good.finite) and float(good.loss) < float(first.loss)
