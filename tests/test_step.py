@@ -310,3 +310,39 @@ def test_fp16_with_grad_scaler_skips_a_non_finite_step_without_a_sync():
     with no_device_reads():
         good = step(data, n)
     assert bool(good.finite) and float(good.loss) < float(first.loss)
+
+
+def test_a_nan_found_at_the_next_read_stops_naming_its_step_and_writes_no_checkpoint_after_it(tmp_path, capsys):
+    """train.on_nan = "stop" without a read every step: step 5 goes NaN, nothing updates from then on, and the run
+    stops at step 6 (a checkpoint step, which reads the metrics first) naming step 5 and the checkpoint of step 4."""
+    from safetensors.torch import load_file
+
+    from engine import checkpoint
+    from engine.cli import main
+    from engine.hookspecs import hookimpl
+    from engine.testing import inline_plugin, tiny_recipe, write_recipe
+
+    class LatePoison:
+        step_metrics_on_device = True  # so the engine reads only at log, evaluation and checkpoint steps
+
+        @hookimpl
+        def on_train_start(self, context):
+            def poison(module, args, kwargs, output):
+                if module.training and context.state.step + 1 == 5:
+                    output.logits = output.logits * float("nan")
+                return output
+            context.model.register_forward_hook(poison, with_kwargs=True)
+
+    recipe = tiny_recipe(tmp_path, callbacks=["late_poison"])
+    recipe["train"].update(max_steps=12, log_every_steps=100, save_every_steps=2)
+    path = tmp_path / "recipe.toml"
+    write_recipe(recipe, path)
+    with inline_plugin("callback", "late_poison", LatePoison):
+        assert main(["train", str(path)]) == 1
+    err = capsys.readouterr().err
+    run = tmp_path / "run"
+    assert "training loss is nan" in err and "at step 5;" in err and "not updated from then on" in err
+    assert f"the last good checkpoint is {run / 'checkpoints' / checkpoint.name_for(4)}" in err
+    assert [step for step, _ in checkpoint.complete(run)] == [2, 4]
+    weights = load_file(run / "checkpoints" / checkpoint.name_for(4) / checkpoint.WEIGHTS_FILE)
+    assert all(torch.isfinite(t).all() for t in weights.values())
