@@ -36,7 +36,7 @@ from engine.context import EarlyStopDecision, TrainContext, TrainState
 from engine.errors import Interrupted, RunFailed, UserError
 from engine.manager import Plugins
 from engine.recipe import Recipe
-from engine import report, tomlfile
+from engine import report, runfolder, tomlfile
 from engine.samples import sample_at_evaluation
 
 RUN_FILES = ("recipe.toml", "metrics.jsonl", "metrics.json", "final", "best", "checkpoints", "samples.txt", "samples.jsonl", "curves.png")
@@ -49,6 +49,8 @@ def check_output_dir(recipe: Recipe) -> Path:
     final_dir = recipe.train.final_dir
     if not final_dir or Path(final_dir).name != final_dir or final_dir in (".", "..", "best", "checkpoints"):
         raise UserError(f"train.final_dir: '{final_dir}' must be a plain folder name other than best or checkpoints (e.g. final)")
+    runfolder.check_can_write(recipe)  # a file in the way, no permission, a read-only mount: before any model loads
+    runfolder.check_not_foreign(out, {*RUN_FILES, final_dir})  # never write over (or delete) what the engine did not write
     finished = (out / "metrics.json").exists()
     if finished and not (recipe.train.overwrite or recipe.train.resume):
         raise UserError(
@@ -64,7 +66,7 @@ def check_output_dir(recipe: Recipe) -> Path:
 def clear_run_files(out: Path, final_dir: str = "final") -> None:
     for name in {*RUN_FILES, final_dir}:
         path = out / name
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
@@ -164,7 +166,9 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
             f"lower train.batch_size or data.max_length, or add data"
         )
     total_steps = cfg.max_steps if cfg.max_steps > 0 else per_epoch * cfg.epochs
-    identity = checkpoint.identity(cfg, world, train_blocks, total_steps)
+    identity = checkpoint.identity(recipe, world, train_blocks, total_steps)
+    if note := advice.too_many_steps(total_steps, per_epoch, len(train_blocks), cfg.max_steps):
+        log(note)
 
     # 3. optimizer, scheduler, Accelerate
     optimizer = plugins.hook.create_optimizer(
@@ -179,11 +183,8 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
             model, lambda m, b: token_loss_sum(m, b, cfg.chunked_loss), accelerator, batch_size, accumulation,
             recipe.data.max_length, len(tokenizer), log,
         )
-    checkpoint.register(accelerator, scheduler)
-    restored = None
-    if resume_from is not None:
-        names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-        restored = checkpoint.load(resume_from, accelerator, identity, names)
+    parts = checkpoint.register(accelerator, model, optimizer, scheduler)
+    restored = checkpoint.load(resume_from, parts, identity) if resume_from is not None else None
 
     if accelerator.is_main_process and write_run:
         if recipe.train.overwrite or (cfg.resume and restored is None):
@@ -191,6 +192,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
         if restored is not None:
             checkpoint.rewind_run_folder(out, restored)
         out.mkdir(parents=True, exist_ok=True)
+        runfolder.mark(out)
         (out / "recipe.toml").write_text(tomlfile.dumps(recipe.resolved()), encoding="utf-8")
     accelerator.wait_for_everyone()
 
@@ -221,6 +223,8 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
 
     early_stopping = bool(plugins.of_kind("early_stopping"))
     loss_watch = advice.LossWatch(total_steps)
+    if restored is not None:
+        loss_watch.load_state(restored.progress.get("loss_watch"))
 
     def run_evaluation() -> bool:
         """Evaluate, track the best model; returns True when training should stop."""
@@ -247,9 +251,10 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
         return decision.stop
 
     def save_checkpoint() -> Path:
-        progress = {"loss_window": loss_window, "window_tokens": window_tokens, "last_loss": loss, "last_eval": last_eval, "train_seconds": train_seconds}
+        progress = {"loss_window": loss_window, "window_tokens": window_tokens, "last_loss": loss, "last_eval": last_eval, "train_seconds": train_seconds,
+                    "loss_watch": loss_watch.state()}
         return checkpoint.write(
-            out, accelerator, state, lambda: trainable_state(accelerator.unwrap_model(model)), best_weights,
+            out, parts, state, lambda: trainable_state(accelerator.unwrap_model(model)), best_weights,
             plugins.states(), progress, identity, cfg.keep_checkpoints,
         )
 

@@ -3,6 +3,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import hookimpl
+from engine.runfolder import inside
 from engine.schema import opt
 
 
@@ -11,7 +12,7 @@ class Curves:
 
     @dataclass
     class Options:
-        filename: str = opt("curves.png", "file name inside the run folder")
+        filename: str = opt("curves.png", "file name inside the run folder", run_file=True)
         width: int = opt(1200, "picture width in pixels", min=200)
         height: int = opt(800, "picture height in pixels", min=200)
 
@@ -27,7 +28,7 @@ class Curves:
         if not context.is_main_process:
             return
         out = Path(context.output_dir)
-        self.path, self.title = out / self.options.filename, str(out)
+        self.path, self.title = inside(out, self.options.filename, "curves.filename"), str(out)
         history = out / "metrics.jsonl"  # a resumed run: the curves so far
         if history.exists() and context.state.step:
             for line in history.read_text(encoding="utf-8").splitlines():

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import hookimpl
+from engine.runfolder import inside
 from engine.schema import opt
 
 
@@ -13,7 +14,7 @@ class JsonLines:
 
     @dataclass
     class Options:
-        filename: str = opt("metrics.jsonl", "file name inside the run folder")
+        filename: str = opt("metrics.jsonl", "file name inside the run folder", run_file=True)
 
     def __init__(self, options: Options):
         self.options = options
@@ -22,7 +23,7 @@ class JsonLines:
     @hookimpl
     def on_train_start(self, context):
         if context.is_main_process:
-            self.path = Path(context.output_dir) / self.options.filename
+            self.path = inside(context.output_dir, self.options.filename, "jsonl.filename")
 
     @hookimpl
     def log_metrics(self, metrics, step, phase):
