@@ -2,9 +2,9 @@
 
 import csv
 from dataclasses import dataclass
-from pathlib import Path
 
 from engine import hookimpl
+from engine.runfolder import inside
 from engine.schema import opt
 
 
@@ -30,7 +30,7 @@ class CsvMetrics:
 
     @dataclass
     class Options:
-        filename: str = opt("metrics.csv", "file name inside the run folder")
+        filename: str = opt("metrics.csv", "file name inside the run folder", run_file=True)
         columns: list[str] = opt(["loss", "lr", "val_loss"], "metrics to write, one column each")
 
     def __init__(self, options):
@@ -40,7 +40,7 @@ class CsvMetrics:
     @hookimpl
     def on_train_start(self, context):
         if context.is_main_process:  # sinks are called on the main process only; only it writes
-            self.path = Path(context.output_dir) / self.options.filename
+            self.path = inside(context.output_dir, self.options.filename, "csv_metrics.filename")
             with self.path.open("w", newline="") as f:
                 csv.writer(f).writerow(["phase", "step", *self.options.columns])
 
