@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -471,8 +472,6 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_data_only(path: Path) -> Any:
     """torch.load with weights_only=True: tensors, numbers, strings, lists and dicts; no code runs."""
-    import pickle
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -587,10 +586,13 @@ def load(path: Path, parts: Parts, run_identity: dict[str, Any]) -> Restored:
         for line in identity_changes(record.get("identity", {}), run_identity):
             warn(line)
     try:  # each load_state_dict checks before it changes anything
-        if fsdp:
+        if fsdp:  # full state dict: Accelerate reads optimizer.bin with torch.load(weights_only=True)
             from accelerate.utils import load_fsdp_optimizer
 
-            load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, parts.optimizer, parts.model, str(path))
+            try:
+                load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, parts.optimizer, parts.model, str(path))
+            except (pickle.UnpicklingError, EOFError, OSError) as exc:
+                raise _damaged(path, f"{OPTIMIZER_FILE}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
         else:
             parts.optimizer.load_state_dict(optimizer_state)
         if scheduler_state is not None:

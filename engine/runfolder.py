@@ -78,9 +78,13 @@ def check_not_foreign(out: Path, names: Iterable[str]) -> None:
     present = sorted(name for name in set(names) if (out / name).exists() or (out / name).is_symlink())
     if present:
         shown = ", ".join(f"{n}/" if (out / n).is_dir() else n for n in present)
+        earlier = (
+            f"; if an earlier version of tunesmith wrote this run, create an empty {MARKER} file there to let it be continued or replaced"
+            if (out / "recipe.toml").is_file() else ""
+        )
         raise UserError(
             f"train.output_dir: '{out}' holds {shown} that tunesmith did not write (no {MARKER} file); nothing was deleted. "
-            f"Choose another train.output_dir, or move them away yourself"
+            f"Choose another train.output_dir, or move them away yourself{earlier}"
         )
 
 

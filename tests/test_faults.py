@@ -233,3 +233,34 @@ def test_the_finished_run_still_resumes_after_the_faults(finished, tmp_path, cap
     assert "resuming from" in capsys.readouterr().out
     assert json.loads((run / "metrics.json").read_text())["steps"] == 6
     assert not marker.exists()
+
+
+def test_disk_full_while_continuing_keeps_every_earlier_checkpoint(finished, tmp_path, capsys, monkeypatch):
+    """Continuing the finished run, the disk fills up as the next checkpoint is written: exit 1 and one
+    line naming it; the earlier checkpoints are byte for byte as they were, nothing outside is touched.
+    (A process killed with SIGKILL at random moments: tests/test_checkpoint.py.)"""
+    import errno
+
+    source, recipe, _ = finished
+    run = tmp_path / "work" / "run"
+    shutil.copytree(source, run)
+    path = tmp_path / "recipe.toml"
+    path.write_text(tomlfile.dumps({**recipe, "train": {**recipe["train"], "output_dir": str(run), "max_steps": 6}}), encoding="utf-8")
+    checkpoints_before = snapshot(run / "checkpoints")
+    outside_before = {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("work")}
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if os.path.basename(os.path.dirname(os.fspath(f))).startswith(".tmp-step-"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(f))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    capsys.readouterr()
+    assert main(["train", str(path), "train.resume=auto"]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert "No space left on device" in errors[0] and f"the previous checkpoint {run / 'checkpoints' / STEP_LAST} is intact" in errors[0]
+    assert snapshot(run / "checkpoints") == checkpoints_before
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("work")} == outside_before
