@@ -3,7 +3,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import hookimpl
-from engine.runfolder import inside
 from engine.schema import opt
 
 
@@ -28,7 +27,7 @@ class Curves:
         if not context.is_main_process:
             return
         out = Path(context.output_dir)
-        self.path, self.title = inside(out, self.options.filename, "curves.filename"), str(out)
+        self.path, self.title = context.run_file(self.options.filename), str(out)
         history = out / "metrics.jsonl"  # a resumed run: the curves so far
         if history.exists() and context.state.step:
             for line in history.read_text(encoding="utf-8").splitlines():

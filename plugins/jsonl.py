@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import hookimpl
-from engine.runfolder import inside
 from engine.schema import opt
 
 
@@ -23,7 +22,7 @@ class JsonLines:
     @hookimpl
     def on_train_start(self, context):
         if context.is_main_process:
-            self.path = inside(context.output_dir, self.options.filename, "jsonl.filename")
+            self.path = context.run_file(self.options.filename)
 
     @hookimpl
     def log_metrics(self, metrics, step, phase):
