@@ -21,7 +21,7 @@ from engine.loss import token_loss_sum
 
 @torch.no_grad()
 def evaluate(
-    model: Any, accelerator: Any, blocks: list[torch.Tensor], batch_size: int, pad_id: int, n_chars: int, chunked: bool = True
+    model: Any, accelerator: Any, blocks: list[torch.Tensor], batch_size: int, pad_id: int, n_chars: int, chunked: bool | str = True
 ) -> dict[str, float]:
     """Mean token loss, perplexity and bits per character; each block counted once.
 

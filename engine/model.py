@@ -161,9 +161,52 @@ def use_fused_activations(model: Any) -> int:
     return swapped
 
 
-def enable_gradient_checkpointing(model: Any) -> None:
+def skip_padding_check(model: Any) -> int:
+    """Turn off transformers' check for a forgotten attention mask on this model instance; returns how many.
+
+    The check (warn_if_padding_and_no_attention_mask) reads input ids back from the GPU on every
+    forward, a host-device sync. The engine gives a mask whenever a batch has padding (engine/feed.py)
+    and leaves it out only when nothing is masked, so the check can only warn wrongly.
+    """
+    from transformers import PreTrainedModel
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.warn_if_padding_and_no_attention_mask = lambda input_ids, attention_mask: None
+            count += 1
+    return count
+
+
+def enable_gradient_checkpointing(model: Any, every: int = 1) -> None:
+    """Recompute activations in backward (non-reentrant torch.utils.checkpoint), in every `every`-th block.
+
+    every = 1 checkpoints every transformer block; 2 every other one (the rest keep their activations):
+    less recomputation for less memory saved. transformers does the selection (every_n_layers) where
+    it can; older versions get the same flags set on their checkpointing layers here.
+    """
+    import inspect
+
     model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None and "every_n_layers" in inspect.signature(enable).parameters:
+        enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if every > 1:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = index % every == 0
+
+
+def checkpointed_blocks(model: Any) -> list[bool]:
+    """For each transformer block, whether its activations are recomputed in backward."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [bool(m.gradient_checkpointing) for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:
