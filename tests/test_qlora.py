@@ -88,59 +88,105 @@ def test_modules_to_save_naming_a_quantized_layer_is_refused(tmp_path, tiny_mode
 
 
 # ------------------------------------------------------------------ train, resume, eval, generate, merge
-@pytest.fixture(scope="module")
-def qlora_run(tmp_path_factory, tiny_model_dir):
-    """One 4-bit run of 6 steps (checkpoints at 3 and 6); returns its folder."""
-    folder = tmp_path_factory.mktemp("qlora")
-    recipe = qlora_recipe(folder, tiny_model_dir)
-    run_recipe(recipe)
-    return folder / "run", recipe
+def shipped_recipe(folder: Path, base: Path, *extra: str):
+    """recipes/qlora.toml as shipped, on the tiny model and a small corpus, 6 steps (checkpoints at 3 and 6)."""
+    corpus = write_corpus(folder / "corpus.txt", n_documents=80)
+    overrides = [
+        f"model.base={json.dumps(str(base))}", f"data.train={json.dumps(str(corpus))}", "data.max_length=32",
+        f"train.output_dir={json.dumps(str(folder / 'run'))}", "train.max_steps=6", "train.gradient_accumulation_steps=1",
+        "train.learning_rate=1e-2", "train.precision=\"fp32\"", "train.log_every_steps=1", "train.save_every_steps=3",
+        "train.keep_checkpoints=3", "sinks=[\"jsonl\"]", "lora.r=4", "lora.alpha=8", *extra,
+    ]
+    return recipe_mod.load(REPO / "recipes" / "qlora.toml", overrides), overrides
 
 
-@pytest.mark.slow
-def test_qlora_trains_and_resumes_exactly(qlora_run):
-    run, recipe = qlora_run
+def train_and_resume(folder: Path, base: Path, *extra: str) -> Path:
+    """Train; then resume from the step-3 checkpoint and check the adapter and the logged losses are the same."""
+    from engine import loop
+
+    recipe, overrides = shipped_recipe(folder, base, *extra)
+    loop.train(recipe)
+    run = folder / "run"
     trained = losses(run)
     assert len(trained) == 6 and trained[-1] < trained[0]
     saved = load_file(run / "final" / "adapter_model.safetensors")
-    assert saved and all("lora_" in name for name in saved)  # only the adapter: the base is re-quantized on load
-    config = json.loads((run / "final" / "adapter_config.json").read_text())
-    assert {name.rsplit(".", 1)[-1] for name in config["target_modules"]} == {"c_attn", "c_proj", "c_fc"}  # all linear but the head
-    # continue from the step-3 checkpoint: the base quantized again, the adapter and optimizer restored
-    resumed = {**recipe, "train": {**recipe["train"], "resume": str(run / "checkpoints" / checkpoint.name_for(3))}}
-    run_recipe(resumed)
+    # only the adapter (and biases with lora.bias): the base is re-quantized on load
+    assert saved and all("lora_" in name or name.endswith(".bias") for name in saved)
+    step3 = json.dumps(str(run / "checkpoints" / checkpoint.name_for(3)))
+    loop.train(recipe_mod.load(REPO / "recipes" / "qlora.toml", [*overrides, f"train.resume={step3}"]))
     again = load_file(run / "final" / "adapter_model.safetensors")
     assert saved.keys() == again.keys()
     for name in saved:
-        assert torch.equal(saved[name], again[name]), name
+        assert torch.equal(saved[name], again[name]), name  # atol 0
     assert losses(run) == trained
+    return run
 
 
-@pytest.mark.slow
-def test_qlora_eval_generate_and_merge(qlora_run, tmp_path, capsys):
-    """eval and generate load the base quantized as trained; merge dequantizes it and saves a plain model."""
+def eval_generate_merge(run: Path, data: str, out: Path, capsys) -> tuple[float, float]:
+    """eval and generate load the base quantized as trained; merge dequantizes it and saves a plain model.
+
+    Returns the eval loss of the adapter on its (quantized) base and of the merged model."""
     from transformers import AutoModelForCausalLM
 
     from engine.cli import main
 
-    run, recipe = qlora_run
-    data = recipe["data"]["train"]
+    capsys.readouterr()
     assert main(["eval", str(run), "--data", data, "--json"]) == 0
     adapter_loss = json.loads(capsys.readouterr().out)["loss"]
     assert adapter_loss < 6.2  # trained: the random base is at chance (ln 512 = 6.24)
 
     assert main(["generate", str(run), "--prompt", "The", "decoding=greedy", "greedy.max_new_tokens=20"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("The") and len(out) > 5
+    text = capsys.readouterr().out
+    assert text.startswith("The") and len(text) > 5
 
-    merged = tmp_path / "merged"
-    assert main(["merge", str(run), str(merged)]) == 0
-    plain = AutoModelForCausalLM.from_pretrained(merged)  # transformers alone: no quantization, no peft
+    assert main(["merge", str(run), str(out)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(out)  # transformers alone: no quantization, no peft
     assert not getattr(plain.config, "quantization_config", None)
     assert all(p.dtype == torch.float32 for p in plain.parameters())
     capsys.readouterr()
-    assert main(["eval", str(merged), "--data", data, "--json", "--max-length", "32"]) == 0
+    assert main(["eval", str(out), "--data", data, "--json", "--max-length", "32"]) == 0
     merged_loss = json.loads(capsys.readouterr().out)["loss"]
+    return adapter_loss, merged_loss
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("qlora")
+    return train_and_resume(folder, tiny_model_dir), str(folder / "corpus.txt")
+
+
+@pytest.mark.slow
+def test_shipped_qlora_recipe_trains_and_resumes_exactly(qlora_run):
+    run, _ = qlora_run
+    recorded = recipe_mod.from_dict(__import__("engine").tomlfile.loads((run / "recipe.toml").read_text()), "r")
+    assert recorded.model.quantization == "4bit" and recorded.lora.target_modules == "all-linear"
+    config = json.loads((run / "final" / "adapter_config.json").read_text())
+    assert {name.rsplit(".", 1)[-1] for name in config["target_modules"]} == {"c_attn", "c_proj", "c_fc"}  # all linear but the head
+
+
+@pytest.mark.slow
+def test_shipped_qlora_recipe_evaluates_generates_and_merges(qlora_run, tmp_path, capsys):
+    run, data = qlora_run
+    adapter_loss, merged_loss = eval_generate_merge(run, data, tmp_path / "merged", capsys)
     # the dequantized 4-bit base plus the adapter computes what the adapter on the quantized base did
     assert merged_loss == pytest.approx(adapter_loss, abs=1e-4)
-    print(f"eval loss: adapter on the 4-bit base {adapter_loss:.6f}, merged fp32 model {merged_loss:.6f}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("lora.use_dora=true", "optimizer=\"adamw8bit\""),  # DoRA on the 4-bit base, 8-bit AdamW
+        ("lora.use_rslora=true", "lora.init=\"gaussian\"", "lora.bias=\"lora_only\"", "model.quantization=\"none\""),
+    ],
+    ids=["dora-4bit", "rslora-plain"],
+)
+def test_adapter_variants_train_resume_evaluate_and_merge(tmp_path, tiny_model_dir, capsys, extra):
+    run = train_and_resume(tmp_path, tiny_model_dir, *extra)
+    config = json.loads((run / "final" / "adapter_config.json").read_text())
+    assert config["use_dora"] == ("lora.use_dora=true" in extra)
+    assert config["use_rslora"] == ("lora.use_rslora=true" in extra)
+    adapter_loss, merged_loss = eval_generate_merge(run, str(tmp_path / "corpus.txt"), tmp_path / "merged", capsys)
+    # DoRA on a 4-bit base: its magnitude rescales the base output, which bitsandbytes' 4-bit kernel computes
+    # slightly differently from a matmul with the dequantized weights (measured 6.09806 vs 6.09592)
+    assert merged_loss == pytest.approx(adapter_loss, abs=5e-3 if "lora.use_dora=true" in extra else 1e-4)
