@@ -15,7 +15,7 @@ from engine import recipe as recipe_mod
 from engine.errors import UserError
 from engine.testing import run_recipe, write_corpus
 
-from conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli
 
 
 def qlora_recipe(tmp_path: Path, base: Path, **lora) -> dict:
@@ -190,3 +190,52 @@ def test_adapter_variants_train_resume_evaluate_and_merge(tmp_path, tiny_model_d
     # DoRA on a 4-bit base: its magnitude rescales the base output, which bitsandbytes' 4-bit kernel computes
     # slightly differently from a matmul with the dequantized weights (measured 6.09806 vs 6.09592)
     assert merged_loss == pytest.approx(adapter_loss, abs=5e-3 if "lora.use_dora=true" in extra else 1e-4)
+
+
+# ------------------------------------------------------------------ benchmark 3, QLoRA part
+@pytest.mark.slow
+def test_benchmark_3_qlora_part_measures_bytes_per_weight_adapters_and_activations():
+    from engine.benchmarks import qlora_memory
+
+    r = qlora_memory.run(act_seq=64, tiny=True)
+    w = r["weight_bytes_per_param"]
+    assert w["4bit"] == pytest.approx(0.5 + 4 / 64, abs=1e-4)  # the formulas printed beside the numbers
+    # plus a per-matrix code table of 256 fp32 values (1 KiB over the 8 Mi weights of the sample)
+    assert w["4bit+dq"] == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256) + (256 + 16) * 4 / (2048 * 4096), abs=1e-6)
+    assert w["8bit"] == pytest.approx(1 + 4 / 4096, abs=1e-6)
+    assert r["optimizer_bytes_per_param"]["adamw"] == 8.0 and r["optimizer_bytes_per_param"]["adamw8bit"] < 2.2
+    tiny = r["shapes"]["tiny Llama"]
+    c = tiny["counts"]
+    # LoRA r 16 on the 7 linear layers of each of 2 layers: r x (in + out) each
+    h, i, kv = 64, 176, 2 * 16
+    assert c["adapter"] == 2 * 16 * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 2 + (i + h))
+    assert tiny["dora_adapter"] == c["adapter"] + 2 * (h + kv + kv + h + i + i + h)  # one magnitude per output feature
+    acts = r["activations_per_token"]
+    assert acts["LoRA"]["kept_per_layer"] == h * 4  # the fp32 residual stream at each checkpointed layer's input
+    assert acts["DoRA"]["layer_full"] > acts["LoRA"]["layer_full"] > acts["LoRA"]["kept_per_layer"]
+
+
+# ------------------------------------------------------------------ device_map and several processes
+@pytest.mark.slow
+def test_device_map_auto_with_a_4bit_base_trains(tmp_path, tiny_model_dir):
+    recipe = qlora_recipe(tmp_path, tiny_model_dir)
+    recipe["model"]["device_map"] = "auto"
+    recipe["train"].update(max_steps=4, save_every_steps=0)
+    summary = run_recipe(recipe)
+    assert summary["steps"] == 4 and losses(tmp_path / "run")[-1] < losses(tmp_path / "run")[0]
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_4bit_base_together(tmp_path, tiny_model_dir):
+    """DDP (2 CPU processes, gloo): each process quantizes its own copy of the base; the adapters stay equal."""
+    from engine.testing import launch, write_recipe
+
+    recipe = qlora_recipe(tmp_path, tiny_model_dir)
+    recipe["train"].update(max_steps=4, save_every_steps=0, batch_size=2)
+    result = launch(write_recipe(recipe, tmp_path / "r.toml"), processes=2, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes" in result.stdout
+    trained = losses(tmp_path / "run")
+    assert len(trained) == 4 and trained[-1] < trained[0]
+    assert load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
