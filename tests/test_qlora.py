@@ -68,6 +68,15 @@ def test_impossible_combinations_are_reported_together(tmp_path):
     assert lines[2] == 'r.toml: lora.init: "orthogonal" needs an even lora.r, got 5'
 
 
+def test_out_of_memory_advice_suggests_a_4bit_base_for_an_adapter_run():
+    from engine.advice import oom_advice
+
+    plain = recipe_mod.from_dict({"data": {"train": "x.txt"}, "model": {"base": "some/folder"}}, "r.toml")
+    assert 'model.quantization = "4bit"' in oom_advice(plain)
+    quantized = recipe_mod.from_dict({"data": {"train": "x.txt"}, "model": {"quantization": "4bit"}}, "r.toml")
+    assert "model.quantization" not in oom_advice(quantized)
+
+
 def test_full_fine_tuning_of_a_quantized_base_exits_2_from_the_cli(tmp_path, tiny_model_dir):
     from engine.testing import write_recipe
 
