@@ -107,6 +107,8 @@ def load_options(model_cfg: Any, dtype: Any) -> dict[str, Any]:
     config = bnb_config(model_cfg, dtype)
     if config is None:
         return {}
+    if model_cfg.quantization == "8bit":
+        _say_once("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
     options: dict[str, Any] = {"quantization_config": config}
     if not model_cfg.device_map:
         from accelerate import PartialState
@@ -114,6 +116,28 @@ def load_options(model_cfg: Any, dtype: Any) -> dict[str, Any]:
         device = PartialState().device
         options["device_map"] = {"": device if device.type != "cuda" else device.index or 0}
     return options
+
+
+def _say_once(logger_name: str, prefix: str) -> None:
+    """Let a library's warning that repeats at every forward pass through once (8-bit layers in fp32)."""
+    import logging
+
+    logger = logging.getLogger(logger_name)
+    if any(getattr(f, "prefix", None) == prefix for f in logger.filters):
+        return
+
+    class Once(logging.Filter):
+        def __init__(self) -> None:
+            super().__init__()
+            self.prefix, self.seen = prefix, False
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            if not str(record.msg).startswith(self.prefix):
+                return True
+            seen, self.seen = self.seen, True
+            return not seen
+
+    logger.addFilter(Once())
 
 
 def prepare(model: Any, gradient_checkpointing: bool = False) -> Any:

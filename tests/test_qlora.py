@@ -224,6 +224,21 @@ def test_benchmark_3_qlora_part_measures_bytes_per_weight_adapters_and_activatio
     assert acts["DoRA"]["layer_full"] > acts["LoRA"]["layer_full"] > acts["LoRA"]["kept_per_layer"]
 
 
+@pytest.mark.slow
+def test_an_8bit_base_trains_and_evaluates_quantized(tmp_path, tiny_model_dir, capsys):
+    from engine.cli import main
+
+    recipe = qlora_recipe(tmp_path, tiny_model_dir)
+    recipe["model"] = {"base": str(tiny_model_dir), "quantization": "8bit"}
+    recipe["train"].update(max_steps=4, save_every_steps=0)
+    summary = run_recipe(recipe)
+    assert losses(tmp_path / "run")[-1] < losses(tmp_path / "run")[0]
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--data", recipe["data"]["train"], "--json"]) == 0
+    # eval loads the base in 8 bits again (engine.quant.settings_of_run) and finds the trained adapter's loss
+    assert json.loads(capsys.readouterr().out)["loss"] < 6.24 and summary["val_loss"] < 6.24
+
+
 # ------------------------------------------------------------------ device_map and several processes
 @pytest.mark.slow
 def test_device_map_auto_with_a_4bit_base_trains(tmp_path, tiny_model_dir):
