@@ -161,7 +161,7 @@ class LanguageModelTrainer:
         import torch
 
         from engine import data as data_mod
-        from engine.loop import token_loss_sum
+        from engine.loss import token_loss_sum
 
         self._need_model()
         batch_size = batch_size or self.settings.batch_size
