@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,12 @@ def load_options(model_cfg: Any, dtype: Any) -> dict[str, Any]:
     config = bnb_config(model_cfg, dtype)
     if config is None:
         return {}
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise UserError(
+            f'model.quantization: "{model_cfg.quantization}" cannot be combined with FSDP here (the engine keeps '
+            f"bitsandbytes' uint8 storage, which FSDP cannot shard); launch without the FSDP config: each process "
+            f"then holds its own quantized copy (DDP), which is what QLoRA saves memory for"
+        )
     if model_cfg.quantization == "8bit":
         _say_once("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
     options: dict[str, Any] = {"quantization_config": config}

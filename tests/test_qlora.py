@@ -77,6 +77,17 @@ def test_out_of_memory_advice_suggests_a_4bit_base_for_an_adapter_run():
     assert "model.quantization" not in oom_advice(quantized)
 
 
+def test_a_quantized_base_under_fsdp_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from engine import quant
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    cfg = SimpleNamespace(quantization="4bit", quant_type="nf4", double_quant=True, device_map="")
+    with pytest.raises(UserError, match="cannot be combined with FSDP"):
+        quant.load_options(cfg, torch.float32)
+
+
 def test_full_fine_tuning_of_a_quantized_base_exits_2_from_the_cli(tmp_path, tiny_model_dir):
     from engine.testing import write_recipe
 

@@ -17,9 +17,9 @@ The totals at seq 2048, batch 1 combine these; the formulas are printed beside t
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -122,6 +122,19 @@ def optimizer_bytes_per_param() -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ activations per token, measured
+@contextlib.contextmanager
+def chunk_budget(elements: int) -> Iterator[None]:
+    """engine/loss.py's logits-per-chunk budget for a while, so a short measurement takes the chunked path."""
+    from engine import loss as loss_mod
+
+    saved = loss_mod.chunked_loss_sum.__defaults__
+    loss_mod.chunked_loss_sum.__defaults__ = (elements,)
+    try:
+        yield
+    finally:
+        loss_mod.chunked_loss_sum.__defaults__ = saved
+
+
 def activation_costs(shape: dict[str, Any], seq: int, dora: bool) -> dict[str, float]:
     """Bytes per token: kept per layer with checkpointing, one layer's full activations, the loss part.
 
@@ -157,7 +170,8 @@ def activation_costs(shape: dict[str, Any], seq: int, dora: bool) -> dict[str, f
             for tokens in (seq // 2, seq):
                 ids = torch.randint(0, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
                 batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                # the chunked loss as at seq 2048 (where logits exceed one chunk): 4 chunks at this length
+                with chunk_budget((tokens - 1) * config.vocab_size // 4), torch.autocast("cpu", dtype=torch.bfloat16):
                     measured[(layers, checkpointing, tokens)] = saved_activation_bytes(model, batch, chunked=True)
         del model
 
@@ -193,9 +207,17 @@ def qlora_total(c: dict[str, int], w: dict[str, float], opt: float, act: dict[st
         "optimizer (AdamW8bit)": c["adapter"] * opt,
         "activations (checkpointed)": tokens * scale * (c["layers"] * act["kept_per_layer"] + act["layer_full"] + act["loss"]) + fixed,
         "dequantized workspace (bf16)": c["widest"] * 2,
+        "one loss chunk in backward": chunk_bytes(tokens, c["vocab"]),
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+def chunk_bytes(tokens: int, vocab: int) -> int:
+    """One chunk of logits while its loss is recomputed in backward: bf16 logits, fp32 copy, fp32 gradient."""
+    from engine.loss import CHUNK_ELEMENTS
+
+    return min(CHUNK_ELEMENTS, tokens * vocab) * (2 + 4 + 4)
 
 
 def largest_fitting(points: list[tuple[int, float]], budget: float) -> float:
