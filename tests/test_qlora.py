@@ -250,6 +250,25 @@ def test_an_8bit_base_trains_and_evaluates_quantized(tmp_path, tiny_model_dir, c
     assert json.loads(capsys.readouterr().out)["loss"] < 6.24 and summary["val_loss"] < 6.24
 
 
+@pytest.mark.slow
+def test_modules_to_save_trains_the_embeddings_beside_a_4bit_base(tmp_path, tiny_model_dir, capsys):
+    from engine.cli import main
+
+    recipe = qlora_recipe(tmp_path, tiny_model_dir, modules_to_save=["wte"])
+    recipe["train"].update(max_steps=4, save_every_steps=0)
+    run_recipe(recipe)
+    saved = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
+    embeddings = [name for name in saved if "wte" in name]
+    assert embeddings, sorted(saved)
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).transformer.wte.weight
+    assert not torch.equal(saved[embeddings[0]], original)  # trained, and saved with the adapter
+    assert main(["merge", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").transformer.wte.weight
+    assert torch.equal(merged, saved[embeddings[0]])
+
+
 # ------------------------------------------------------------------ device_map and several processes
 @pytest.mark.slow
 def test_device_map_auto_with_a_4bit_base_trains(tmp_path, tiny_model_dir):
