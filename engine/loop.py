@@ -106,7 +106,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
     # 2. tokenizer, blocks, model
     cache = tokcache.cache_root(recipe.data)
     tokenizer = model_mod.load_tokenizer(recipe.model, docs.train, cache)
-    model = model_mod.load_model(recipe.model, tokenizer)
+    model = model_mod.load_model(recipe.model, tokenizer, accelerator.mixed_precision)
     if recipe.model.fused_activations:
         model_mod.use_fused_activations(model)
     model_mod.skip_padding_check(model)  # it reads the batch back from the GPU on every forward
