@@ -187,7 +187,7 @@ def cmd_plugins() -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer, set_seed
 
-    from engine import generate, model as model_mod, recipe as recipe_mod, tomlfile
+    from engine import from_checkpoint, generate, recipe as recipe_mod, tomlfile
     from engine.manager import Plugins
 
     run = Path(args.run_dir)
@@ -195,7 +195,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     data = tomlfile.loads(recipe_path.read_text(encoding="utf-8")) if recipe_path.exists() else {"data": {"train": "-"}}
     final_dir = data.get("train", {}).get("final_dir", "final")
     model_dir = Path(args.model) if args.model not in ("final", "best") else run / (final_dir if args.model == "final" else "best")
-    is_model_folder = (run / "config.json").exists() or (run / "adapter_config.json").exists()
+    is_model_folder = (run / "config.json").exists() or (run / "adapter_config.json").exists() or (run / "weights.safetensors").exists()
     if not recipe_path.exists() and is_model_folder:
         model_dir = run  # a model folder given directly
     if not model_dir.is_dir():
@@ -208,7 +208,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     data = recipe_mod.apply_overrides(data, args.overrides, origins)
     recipe = recipe_mod.from_dict(data, str(recipe_path), origins)
     plugins = Plugins([s for s in recipe.plugins if s.kind == "decoding"])
-    model, tokenizer = model_mod.load_trained(model_dir)
+    model, tokenizer, _ = from_checkpoint.load_any(model_dir)  # a model, an adapter or a checkpoint
     if args.seed is not None:
         set_seed(args.seed)
     print(args.prompt, end="", flush=True)
