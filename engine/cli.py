@@ -9,6 +9,7 @@
     python -m engine merge RUN_DIR OUT_DIR                    LoRA adapter + base -> standalone model
     python -m engine runs DIR... [--plot FILE.png]            finished runs side by side
     python -m engine bench RECIPE [key=value ...] [--steps N] [--json PATH]
+    python -m engine push RUN_DIR|MODEL_DIR --repo-id USER/NAME [--private] [--dry-run]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Sequence
 
 from engine.errors import Interrupted, RunFailed, UserError
 
-COMMANDS = ("train", "check", "plugins", "generate", "eval", "merge", "runs", "bench")
+COMMANDS = ("train", "check", "plugins", "generate", "eval", "merge", "runs", "bench", "push")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides with TOML values")
     b.add_argument("--steps", type=int, default=20, help="optimizer steps to time (default 20; the first is warm-up)")
     b.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    u = sub.add_parser("push", help="upload a run's model (final/, with its model card) to the Hugging Face Hub")
+    u.add_argument("run_dir", help="a run folder (uploads final/), or a model folder (best/, merge's output)")
+    u.add_argument("--repo-id", required=True, help="the hub repository, user/model-name (created if missing)")
+    u.add_argument("--private", action="store_true", help="create the repository private")
+    u.add_argument("--dry-run", action="store_true", help="list the folder and files that would be uploaded; send nothing")
     return p
 
 
@@ -103,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from engine import bench
 
             return bench.main(args.recipe, args.overrides, args.steps, args.json)
+        if args.command == "push":
+            from engine import push
+
+            print(push.push(args.run_dir, args.repo_id, args.private, args.dry_run))
     except UserError as exc:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)

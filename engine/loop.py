@@ -36,7 +36,7 @@ from engine.context import EarlyStopDecision, TrainContext, TrainState
 from engine.errors import Interrupted, RunFailed, UserError
 from engine.manager import Plugins
 from engine.recipe import Recipe
-from engine import report, tomlfile
+from engine import modelcard, report, tomlfile
 from engine.samples import sample_at_evaluation
 
 RUN_FILES = ("recipe.toml", "metrics.jsonl", "metrics.json", "final", "best", "checkpoints", "samples.txt", "samples.jsonl", "curves.png")
@@ -369,6 +369,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
     emit(summary, "summary")
     if accelerator.is_main_process:
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        modelcard.write_run_cards(recipe, summary, out, {"train_documents": len(docs.train), "val_documents": len(docs.val), "val_characters": val_chars})
     plugins.hook.on_train_end(context=context, summary=summary)
     if cfg.sample_prompt and not distributed.can_generate_alone(accelerator):
         log(f"\nno sample: the weights are sharded (FSDP); run python -m engine generate {out} --prompt ...")

@@ -55,7 +55,7 @@ def test_readme_command_table_has_no_broken_rows():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     table = readme.split("| command | what it does |", 1)[1].split("\n\n", 1)[0]
     commands = [row for row in table.splitlines() if row.startswith("| `python -m engine")]
-    for name in ("check", "plugins", "generate", "eval", "merge", "runs", "bench"):
+    for name in ("check", "plugins", "generate", "eval", "merge", "runs", "bench", "push"):
         assert any(row.startswith(f"| `python -m engine {name}") for row in commands), name
 
 
