@@ -76,6 +76,9 @@ def quiet_progress_bars_off_terminal() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_progress_bars_off_terminal()
+    from engine import quiet
+
+    quiet.install()  # known third-party warnings the engine has dealt with: off the screen, into the run's warnings.log
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv = ["train", *argv]  # `python -m engine recipe.toml` trains
     parser = _parser()

@@ -36,7 +36,7 @@ from engine.context import EarlyStopDecision, TrainContext, TrainState
 from engine.errors import Interrupted, RunFailed, UserError
 from engine.manager import Plugins
 from engine.recipe import Recipe
-from engine import modelcard, report, tomlfile
+from engine import modelcard, quiet, report, tomlfile
 from engine.samples import sample_at_evaluation
 
 RUN_FILES = ("recipe.toml", "metrics.jsonl", "metrics.json", "final", "best", "checkpoints", "samples.txt", "samples.jsonl", "curves.png")
@@ -192,6 +192,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
             checkpoint.rewind_run_folder(out, restored)
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.toml").write_text(tomlfile.dumps(recipe.resolved()), encoding="utf-8")
+        quiet.keep_in(out / quiet.LOG_FILE, append=restored is not None)  # library noise kept off the screen
     accelerator.wait_for_everyone()
 
     context = TrainContext(recipe, accelerator, model, tokenizer, optimizer, scheduler, out, total_steps, TrainState())
