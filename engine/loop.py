@@ -315,9 +315,8 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
             log(note)
         if state.step % cfg.log_every_steps == 0 or state.step == total_steps:
             now = time.perf_counter()
-            metrics["loss"] = sum(loss_window) / len(loss_window) if loss_window else float("nan")
-            metrics["tokens_per_second"] = window_tokens / max(1e-9, now - window_start)
-            emit(metrics, "train")
+            mean = sum(loss_window) / len(loss_window) if loss_window else float("nan")  # on_step_end keeps the step's own loss
+            emit({**metrics, "loss": mean, "tokens_per_second": window_tokens / max(1e-9, now - window_start)}, "train")
             loss_window, window_tokens, window_start = [], 0, now
         plugins.hook.on_step_end(context=context, metrics=metrics)
         epoch_end = state.step_in_epoch >= per_epoch
