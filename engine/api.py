@@ -181,7 +181,7 @@ class LanguageModelTrainer:
         import torch
 
         from engine import data as data_mod
-        from engine.loop import token_loss_sum
+        from engine.loss import token_loss_sum
 
         from engine import model as model_mod
 

@@ -3,7 +3,7 @@
     python -m engine                                   train with engine.CONFIG on ./data/*.txt (the original design)
     python -m engine RECIPE [key=value ...]            train (same as `train RECIPE`)
     python -m engine check RECIPE [key=value ...]      validate, print the resolved recipe and plugins
-    python -m engine plugins                           list installed plugins
+    python -m engine plugins [NAME]                    list installed plugins, or one plugin's options
     python -m engine generate RUN_DIR --prompt TEXT [key=value ...]
     python -m engine eval RUN_DIR|MODEL_DIR --data PATH [--json]   loss, perplexity, bits/char of a text
     python -m engine merge RUN_DIR OUT_DIR                    LoRA adapter + base -> standalone model
@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_text)
         s.add_argument("recipe", help="path of a TOML recipe")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides with TOML values")
-    sub.add_parser("plugins", help="list installed plugins (built-in and third-party)")
+    pl = sub.add_parser("plugins", help="list installed plugins (built-in and third-party), or show one plugin's options")
+    pl.add_argument("name", nargs="?", default=None, help="a plugin name: show its options, defaults and package")
     g = sub.add_parser("generate", help="continue a prompt with a trained run")
     g.add_argument("run_dir", help="a run folder (uses final/), or a model folder")
     g.add_argument("--prompt", required=True, help="text to continue")
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             return cmd_train(args.recipe, args.overrides)
         if args.command == "plugins":
-            return cmd_plugins()
+            return cmd_plugins(args.name)
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "eval":
@@ -177,10 +178,12 @@ def cmd_train(path: str, overrides: list[str]) -> int:
     return 0
 
 
-def cmd_plugins() -> int:
+def cmd_plugins(name: str | None = None) -> int:
     from engine.manager import KINDS, discover
 
     available, problems = discover()
+    if name is not None:
+        return show_plugin(name, available, problems)
     rows = []
     for name, info in sorted(available.items(), key=lambda kv: (list(KINDS).index(kv[1].kind), kv[0])):
         try:
@@ -194,6 +197,41 @@ def cmd_plugins() -> int:
         print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
     for problem in problems.values():
         print(f"warning: {problem}", file=sys.stderr)
+    return 0
+
+
+def show_plugin(name: str, available: dict, problems: dict[str, str]) -> int:
+    """`python -m engine plugins NAME`: what the plugin is, where it comes from, its options table."""
+    import inspect
+
+    from engine import schema
+    from engine.manager import KINDS
+
+    if name in problems and name not in available:
+        raise UserError(problems[name])
+    info = available.get(name)
+    if info is None:
+        raise UserError(f"plugins: unknown plugin '{name}'{schema.did_you_mean(name, available)}; python -m engine plugins lists them")
+    cls = info.load()
+    kind = KINDS[info.kind]
+    select = f'{kind.slot} = ["{name}"]' if kind.many else f'{kind.slot} = "{name}"'
+    lines = [f"{name}: a {info.kind.replace('_', ' ')} plugin; select it with  {select}",
+             f"package: {info.package} {info.version}".rstrip() + f"  ({info.target})", ""]
+    doc = inspect.cleandoc(cls.__doc__ or "").strip()
+    lines += [doc, ""] if doc else []
+    options = getattr(cls, "Options", None)
+    if options is None:
+        lines.append("No options.")
+    else:
+        rows = [(f"{name}.{n}", t, d, h) for n, t, d, h in schema.option_rows(options)]
+        header = ("option", "type", "default", "meaning")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+        lines.append(f"options (a [{name}] table in the recipe, or {name}.OPTION=VALUE on the command line):")
+        for r in [header, *rows]:
+            lines.append(f"  {r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip())
+    if name in problems:
+        lines.append(f"warning: {problems[name]}")
+    print("\n".join(lines))
     return 0
 
 

@@ -111,6 +111,15 @@ def agree_stop(accelerator: Any, context: Any) -> bool:
     return True
 
 
+def sum_over_processes(accelerator: Any, value: int) -> int:
+    """A host integer summed over every process (no device round trip with one process)."""
+    if accelerator.num_processes == 1:
+        return value
+    import torch
+
+    return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), "sum").item())
+
+
 def is_fsdp(accelerator: Any) -> bool:
     return str(accelerator.distributed_type).endswith("FSDP")
 

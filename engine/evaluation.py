@@ -16,17 +16,7 @@ import torch
 
 from engine import data as data_mod
 from engine import report
-
-
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropy over a batch, and the number of target tokens.
-
-    chunked: compute it from the final hidden states in chunks (engine/loss.py), never holding the
-    full fp32 logits; the result equals the plain computation.
-    """
-    from engine import loss as loss_mod
-
-    return loss_mod.token_loss_sum(model, batch, chunked)
+from engine.loss import token_loss_sum
 
 
 @torch.no_grad()

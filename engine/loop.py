@@ -12,11 +12,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
-import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +25,8 @@ from engine import checkpoint
 from engine import data as data_mod
 from engine import distributed
 from engine import interrupts
-from engine.evaluation import evaluate, token_loss_sum  # noqa: F401  (also imported from here)
+from engine.evaluation import evaluate
+from engine.loss import token_loss_sum
 from engine import model as model_mod
 from engine import tokcache
 from engine.context import EarlyStopDecision, TrainContext, TrainState
@@ -37,38 +34,9 @@ from engine.errors import Interrupted, RunFailed, UserError
 from engine.manager import Plugins
 from engine.recipe import Recipe
 from engine import modelcard, quiet, report, tomlfile
+from engine import step as step_mod
+from engine.runfolder import check_output_dir, clear_run_files, save_model
 from engine.samples import sample_at_evaluation
-
-RUN_FILES = ("recipe.toml", "metrics.jsonl", "metrics.json", "final", "best", "checkpoints", "samples.txt", "samples.jsonl", "curves.png")
-
-
-# ------------------------------------------------------------------ run folder
-def check_output_dir(recipe: Recipe) -> Path:
-    """Refuse to replace a finished or unfinished run unless train.overwrite or train.resume is set."""
-    out = Path(recipe.train.output_dir)
-    final_dir = recipe.train.final_dir
-    if not final_dir or Path(final_dir).name != final_dir or final_dir in (".", "..", "best", "checkpoints"):
-        raise UserError(f"train.final_dir: '{final_dir}' must be a plain folder name other than best or checkpoints (e.g. final)")
-    finished = (out / "metrics.json").exists()
-    if finished and not (recipe.train.overwrite or recipe.train.resume):
-        raise UserError(
-            f"train.output_dir: '{out}' holds a finished run (metrics.json); choose another folder, "
-            f"add train.overwrite=true to replace it, or train.resume=auto to continue it"
-        )
-    unfinished = checkpoint.unfinished_run_problem(out)
-    if unfinished and not (recipe.train.overwrite or recipe.train.resume):
-        raise UserError(unfinished)
-    return out
-
-
-def clear_run_files(out: Path, final_dir: str = "final") -> None:
-    for name in {*RUN_FILES, final_dir}:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
 
 def choose_precision(requested: str) -> str:
     """Accelerate's mixed_precision value for train.precision."""
@@ -207,6 +175,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
     if restored is not None:
         restore_trainable(accelerator.unwrap_model(model), restored.weights)
         state.__dict__.update(restored.state)
+        context.resumed, context.resumed_from_step = True, state.step
         best_weights, progress = restored.best_weights, restored.progress
         loss_window, window_tokens, loss = progress["loss_window"], progress["window_tokens"], progress["last_loss"]
         last_eval, train_seconds, last_checkpoint = progress["last_eval"], progress["train_seconds"], restored.path
@@ -256,6 +225,8 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
 
     # 4. the loop
     pad_id = tokenizer.pad_token_id
+    step = step_mod.OptimizerStep(model, optimizer, scheduler, accelerator, lambda m, b: token_loss_sum(m, b, cfg.chunked_loss),
+                                  cfg.max_grad_norm, cfg.on_nan)
     stop = False
     signals.arm()
     while state.step < total_steps and not stop:
@@ -265,36 +236,23 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
             len(train_blocks), cfg.seed, state.epoch, state.step_in_epoch,
             batch_size, accumulation, rank, world,
         )
-        batches = [{k: v.to(accelerator.device) for k, v in data_mod.collate([train_blocks[i] for i in ids], pad_id).items()} for ids in micro]
-        local_tokens = sum(int((b["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum()) for b in batches)
-        step_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum").item())
-        step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        batches = [data_mod.collate([train_blocks[i] for i in ids], pad_id) for ids in micro]
+        local_tokens = sum(int((b["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum()) for b in batches)  # on the host
+        step_tokens = distributed.sum_over_processes(accelerator, local_tokens)
+        batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
         t0 = time.perf_counter()
-        for i, batch in enumerate(batches):
-            sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
-            with sync:
-                with accelerator.autocast():
-                    loss_sum, _ = token_loss_sum(model, batch, cfg.chunked_loss)
-                # DDP averages gradients over processes; scaling by world / tokens makes the result the
-                # gradient of the token-weighted mean over every micro-batch of every process.
-                accelerator.backward(loss_sum * world / step_tokens)
-            step_loss += loss_sum.detach().double()
-        loss = accelerator.reduce(step_loss, "sum").item() / step_tokens
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        finite = math.isfinite(loss) and (grad_norm is None or accelerator.scaler is not None or math.isfinite(float(grad_norm)))
-        if not finite and cfg.on_nan == "stop":
+        try:
+            out_step = step(batches, step_tokens)
+        except step_mod.NonFiniteStep as bad:
             kept = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
             raise RunFailed(
-                f"training loss is {loss} (gradient norm {float(grad_norm) if grad_norm is not None else 'not computed'}) at step {state.step + 1}; "
-                f"the weights were not updated{kept}. Lower train.learning_rate, check the data, or set train.on_nan=\"skip\""
-            )
-        if finite:
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-        else:
+                f"training loss is {bad.loss} (gradient norm {bad.grad_norm if bad.grad_norm is not None else 'not computed'}) "
+                f"at step {state.step + 1}; the weights were not updated{kept}. Lower train.learning_rate, check the data, "
+                f"or set train.on_nan=\"skip\""
+            ) from None
+        loss, grad_norm, finite = out_step.loss.item(), out_step.grad_norm, bool(out_step.finite)
+        if not finite:
             state.skipped_steps += 1  # train.on_nan = "skip": no update; counted in the logs and metrics.json
-        optimizer.zero_grad(set_to_none=True)
         train_seconds += time.perf_counter() - t0
         state.step += 1
         state.step_in_epoch += 1
@@ -315,8 +273,8 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
             log(note)
         if state.step % cfg.log_every_steps == 0 or state.step == total_steps:
             now = time.perf_counter()
-            mean = sum(loss_window) / len(loss_window) if loss_window else float("nan")  # on_step_end keeps the step's own loss
-            emit({**metrics, "loss": mean, "tokens_per_second": window_tokens / max(1e-9, now - window_start)}, "train")
+            emit({**metrics, "loss": sum(loss_window) / len(loss_window) if loss_window else float("nan"),
+                  "tokens_per_second": window_tokens / max(1e-9, now - window_start)}, "train")  # on_step_end keeps the step's loss
             loss_window, window_tokens, window_start = [], 0, now
         plugins.hook.on_step_end(context=context, metrics=metrics)
         epoch_end = state.step_in_epoch >= per_epoch
@@ -341,6 +299,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
                 "total_params": total, "device": str(accelerator.device), "precision": accelerator.mixed_precision}
     if last_eval.get("step") != state.step:  # stopped between evaluations: measure the final weights
         last_eval = evaluate(model, accelerator, val_blocks, batch_size, pad_id, val_chars, cfg.chunked_loss)
+        last_eval.update(epoch=state.epoch, step=state.step, tokens_seen=state.tokens_seen)  # the keys of every evaluation
         emit(last_eval, "eval")
     accelerator.wait_for_everyone()
     save_model(unwrapped, tokenizer, out / cfg.final_dir, accelerator, model)
@@ -382,20 +341,3 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
     accelerator.end_training()
     return summary
 
-
-def save_model(model: Any, tokenizer: Any, folder: Path, accelerator: Any, wrapped: Any) -> None:
-    """save_pretrained (safetensors) of the model or LoRA adapter, plus the tokenizer, by the main process.
-
-    Called on every process: under FSDP the full weights are gathered from all of them first.
-    """
-    state_dict = distributed.full_state_dict(accelerator, wrapped)
-    if not accelerator.is_main_process:
-        return
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
-    tokenizer.save_pretrained(str(tmp))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)

@@ -73,7 +73,7 @@ class TrainSection:
     final_dir: str = opt("final", "folder inside output_dir for the final model (the Python API names it final_model)")
     sample_prompt: str = opt("", "after training, generate from this prompt and print it (empty: no sample)")
     sample_prompts: list[str] = opt([], "at each evaluation, generate from each of these prompts: appended to samples.jsonl in the run folder and sent to the sinks")
-    sample_max_new_tokens: int = opt(60, "tokens to generate for each sample (sample_prompt and sample_prompts)", min=1)
+    sample_max_new_tokens: int = opt(60, "tokens to generate for each sample (sample_prompt and sample_prompts); wins over the decoding plugin's max_new_tokens", min=1)
 
 
 @dataclass
@@ -216,7 +216,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 def from_dict(
     data: dict[str, Any], origin: str, origins: dict[str, str] | None = None, base_dir: Path | None = None
 ) -> Recipe:
-    origins = origins or {}
+    origins = dict(origins or {})
 
     def origin_of(dotted: str) -> str:
         return origins.get(dotted, origin)
@@ -245,16 +245,29 @@ def from_dict(
 
     installed, _ = discover()
     known_top = [*SECTIONS, *SLOT_TYPES, "extends"]
+    named = {n for v in slots.values() for n in (v if isinstance(v, list) else [v])}
     for key, value in list(plugin_tables.items()):
-        if key not in installed:
+        if key not in installed and key in named:
+            del plugin_tables[key]  # the slot's "unknown plugin" error says it all
+        elif key not in installed:
             errors.append(f"{origin_of(key)}: {key}: unknown key{schema.did_you_mean(key, [*known_top, *installed])}")
             del plugin_tables[key]
         elif not isinstance(value, dict):
             errors.append(f"{origin_of(key)}: {key}: expected a table of options for plugin '{key}', got {value!r}")
             del plugin_tables[key]
 
+    # A table only a recipe this one extends has (no key of it set here or on the command line).
+    own = {origin, "command line"}
+    inherited = {
+        name for name in plugin_tables
+        if not any(where in own for key, where in origins.items() if key == name or key.startswith(name + "."))
+        and name in origins
+    }
+    for name in set(plugin_tables) - inherited:  # an inherited table changed here: errors about it point here
+        if origins.get(name, origin) not in own:
+            origins[name] = next(where for key, where in origins.items() if key.startswith(name + ".") and where in own)
     selected, plugin_errors = select(
-        {s: v for s, v in slots.items()}, plugin_tables, origin_of
+        {s: v for s, v in slots.items()}, plugin_tables, origin_of, inherited
     )
     errors.extend(_reattribute(e, None, origins) for e in plugin_errors)
     if errors:
