@@ -47,7 +47,7 @@ def test_readme_links_every_docs_page_and_stays_short():
 def test_links_between_pages_resolve():
     for page in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
         text = page.read_text(encoding="utf-8")
-        for target in re.findall(r"\]\(([^)#\s]+\.md)(?:#[\w-]+)?\)", text):
+        for target in re.findall(r"\]\(([^)#\s:]+\.(?:md|png))(?:#[\w-]+)?\)", text):
             assert (page.parent / target).is_file(), f"{page.name} links {target}, which does not exist"
 
 
