@@ -154,7 +154,10 @@ def cmd_check(path: str, overrides: list[str]) -> int:
     from engine import recipe as recipe_mod
     from engine import tomlfile
 
+    from engine import runfolder
+
     recipe = recipe_mod.load(path, overrides)
+    runfolder.check_can_write(recipe)
     print(tomlfile.dumps(recipe.resolved()))
     print("# plugins")
     for sel in recipe.plugins:
@@ -241,6 +244,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from engine import from_checkpoint, generate, recipe as recipe_mod, tomlfile
     from engine.manager import Plugins
 
+    if not args.prompt:
+        raise UserError("--prompt: empty; give the text to continue (e.g. --prompt 'Once upon a time')")
     run = Path(args.run_dir)
     recipe_path = run / "recipe.toml"
     data = tomlfile.loads(recipe_path.read_text(encoding="utf-8")) if recipe_path.exists() else {"data": {"train": "-"}}

@@ -35,7 +35,7 @@ from engine.manager import Plugins
 from engine.recipe import Recipe
 from engine import modelcard, quiet, report, tomlfile
 from engine import step as step_mod
-from engine.runfolder import check_output_dir, clear_run_files, save_model
+from engine.runfolder import check_output_dir, clear_run_files, mark_as_run, save_model
 from engine.samples import sample_at_evaluation
 
 def choose_precision(requested: str) -> str:
@@ -132,7 +132,9 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
             f"lower train.batch_size or data.max_length, or add data"
         )
     total_steps = cfg.max_steps if cfg.max_steps > 0 else per_epoch * cfg.epochs
-    identity = checkpoint.identity(cfg, world, train_blocks, total_steps)
+    identity = checkpoint.identity(recipe, world, train_blocks, total_steps)
+    if note := advice.too_many_steps(total_steps, per_epoch, len(train_blocks), cfg.max_steps):
+        log(note)
 
     # 3. optimizer, scheduler, Accelerate
     optimizer = plugins.hook.create_optimizer(
@@ -147,11 +149,8 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
             model, lambda m, b: token_loss_sum(m, b, cfg.chunked_loss), accelerator, batch_size, accumulation,
             recipe.data.max_length, len(tokenizer), log,
         )
-    checkpoint.register(accelerator, scheduler)
-    restored = None
-    if resume_from is not None:
-        names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-        restored = checkpoint.load(resume_from, accelerator, identity, names)
+    parts = checkpoint.register(accelerator, model, optimizer, scheduler)
+    restored = checkpoint.load(resume_from, parts, identity) if resume_from is not None else None
 
     if accelerator.is_main_process and write_run:
         if recipe.train.overwrite or (cfg.resume and restored is None):
@@ -159,6 +158,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
         if restored is not None:
             checkpoint.rewind_run_folder(out, restored)
         out.mkdir(parents=True, exist_ok=True)
+        mark_as_run(out)
         (out / "recipe.toml").write_text(tomlfile.dumps(recipe.resolved()), encoding="utf-8")
         quiet.keep_in(out / quiet.LOG_FILE, append=restored is not None)  # library noise kept off the screen
     accelerator.wait_for_everyone()
@@ -191,6 +191,8 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
 
     early_stopping = bool(plugins.of_kind("early_stopping"))
     loss_watch = advice.LossWatch(total_steps)
+    if restored is not None:
+        loss_watch.load_state(restored.progress.get("loss_watch"))
 
     def run_evaluation() -> bool:
         """Evaluate, track the best model; returns True when training should stop."""
@@ -217,9 +219,10 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
         return decision.stop
 
     def save_checkpoint() -> Path:
-        progress = {"loss_window": loss_window, "window_tokens": window_tokens, "last_loss": loss, "last_eval": last_eval, "train_seconds": train_seconds}
+        progress = {"loss_window": loss_window, "window_tokens": window_tokens, "last_loss": loss, "last_eval": last_eval, "train_seconds": train_seconds,
+                    "loss_watch": loss_watch.state()}
         return checkpoint.write(
-            out, accelerator, state, lambda: trainable_state(accelerator.unwrap_model(model)), best_weights,
+            out, parts, state, lambda: trainable_state(accelerator.unwrap_model(model)), best_weights,
             plugins.states(), progress, identity, cfg.keep_checkpoints,
         )
 

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from engine import hub
 from engine.errors import UserError
 
 EOS = "<|endoftext|>"
@@ -83,11 +84,11 @@ def load_tokenizer(model_cfg: Any, train_documents: Sequence[str], cache: Path |
             f"with tokenizer.save_pretrained, or set model.tokenizer to a folder that has one"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code, **hub.load_options(source, key))
     except OSError:
         if os.path.isdir(source):
             raise UserError(f"{key}: could not load a tokenizer from folder '{source}'") from None
-        raise UserError(_hub_help(source)) from None
+        raise UserError(hub.offline_help(source, key) if hub.offline() else _hub_help(source)) from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"{key}: the tokenizer of '{source}' has no end-of-text token; documents need one between them")
     if tokenizer.pad_token_id is None:
@@ -127,11 +128,12 @@ def load_model(model_cfg: Any, tokenizer: Any) -> Any:
             attn_implementation=model_cfg.attention,
             dtype=torch.float32,
             **({"device_map": model_cfg.device_map} if model_cfg.device_map else {}),
+            **hub.load_options(base, "model.base"),
         )
     except OSError:
         if os.path.isdir(base):
             raise UserError(f"model.base: could not load model weights from folder '{base}'") from None
-        raise UserError(_hub_help(base)) from None
+        raise UserError(hub.offline_help(base, "model.base") if hub.offline() else _hub_help(base)) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

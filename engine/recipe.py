@@ -122,6 +122,10 @@ def _read(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: recipe file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a recipe file; give the path of a .toml file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: recipe is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
@@ -169,6 +173,8 @@ def load_file(path: Path, origins: dict[str, str], chain: tuple[Path, ...] = ())
     parent_path = (real.parent / parent)
     if not parent_path.exists():
         raise UserError(f"{path}: extends: no recipe at {parent_path}")
+    if parent_path.is_dir():
+        raise UserError(f"{path}: extends: {parent_path} is a folder, not a recipe file")
     base = load_file(parent_path, origins, (*chain, real))
     return _merge(base, data, origins, str(path))
 
@@ -192,6 +198,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], origins: dict[str, str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides. A table value (`train={epochs=2}`) is merged into the recipe's table,
+    as `extends` merges, so the keys it does not name keep their values."""
     for text in overrides:
         parts, value = parse_override(text)
         node = data
@@ -199,8 +207,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], origins: dict[st
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[parts[-1]] = value
-        _mark(origins, ".".join(parts), value, "command line")
+        last, dotted = parts[-1], ".".join(parts)
+        if isinstance(value, dict) and isinstance(node.get(last), dict) and last != "config":
+            node[last] = _merge(node[last], value, origins, "command line", f"{dotted}.")
+        else:
+            node[last] = value
+            _mark(origins, dotted, value, "command line")
     return data
 
 
@@ -266,6 +278,8 @@ def from_dict(
     for name in set(plugin_tables) - inherited:  # an inherited table changed here: errors about it point here
         if origins.get(name, origin) not in own:
             origins[name] = next(where for key, where in origins.items() if key.startswith(name + ".") and where in own)
+    if sections["model"] is not None:
+        _absolute_local_folders(sections["model"])
     selected, plugin_errors = select(
         {s: v for s, v in slots.items()}, plugin_tables, origin_of, inherited
     )
@@ -273,6 +287,15 @@ def from_dict(
     if errors:
         raise UserError(*errors)
     return Recipe(origin, sections["model"], sections["data"], sections["train"], sections["lora"], selected, base_dir or Path.cwd())
+
+
+def _absolute_local_folders(model: ModelSection) -> None:
+    """model.base and model.tokenizer that name a local folder (relative to the folder you run from) become
+    absolute, so the recipe.toml of the run, and the adapter's base_model_name_or_path, work from anywhere."""
+    for key in ("base", "tokenizer"):
+        value = getattr(model, key)
+        if value and not Path(value).is_absolute() and Path(value).is_dir():
+            setattr(model, key, str(Path(value).resolve()))
 
 
 def _reattribute(error: str, default_origin: str | None, origins: dict[str, str]) -> str:

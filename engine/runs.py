@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from engine import runfolder
+from engine.errors import UserError
 from engine.report import duration, value_text
 
 IGNORED_KEYS = ("train.output_dir", "train.overwrite")
@@ -112,7 +113,14 @@ def plot(run_dirs: Sequence[str], path: str) -> None:
     runs = [Path(d) for d in run_dirs]
     for run in runs:
         runfolder.read_summary(run)
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"--plot: '{path}' is a folder; give a file name such as {target / 'curves.png'}")
+    runfolder.check_writable(target.parent if str(target.parent) else Path("."), "--plot", "folder for the picture")
     names = [r.name for r in runs]
     labels = names if len(set(names)) == len(names) else [str(r) for r in runs]
     series = [(label, [rec for rec in runfolder.read_history(r) if rec.get("phase") == "eval"]) for label, r in zip(labels, runs)]
-    draw_comparison(series, Path(path))
+    try:
+        draw_comparison(series, target)
+    except OSError as exc:
+        raise UserError(f"--plot: could not write '{path}': {exc.strerror or exc}") from None

@@ -23,7 +23,7 @@ class Curves:
 
     @dataclass
     class Options:
-        filename: str = opt("curves.png", "file name inside the run folder")
+        filename: str = opt("curves.png", "file name inside the run folder", run_file=True)
         width: int = opt(1200, "picture width in pixels", min=200)
         height: int = opt(800, "picture height in pixels", min=200)
 
@@ -40,7 +40,7 @@ class Curves:
         if not context.is_main_process:
             return
         out = Path(context.output_dir)
-        self.path, self.title = out / self.options.filename, str(out)
+        self.path, self.title = context.run_file(self.options.filename), str(out)
         history = out / "metrics.jsonl"  # a resumed run: the curves so far
         if history.exists() and context.state.step:
             for line in history.read_text(encoding="utf-8").splitlines():
