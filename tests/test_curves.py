@@ -37,6 +37,9 @@ class _Ctx:
         self.output_dir = out
         self.state = type("S", (), {"step": step})()
 
+    def run_file(self, name):
+        return self.output_dir / name
+
 
 def test_device_values_are_read_back_only_when_drawing_and_a_resumed_run_keeps_earlier_steps(tmp_path, monkeypatch):
     drawn = []
