@@ -36,7 +36,7 @@ from engine.context import EarlyStopDecision, TrainContext, TrainState
 from engine.errors import Interrupted, RunFailed, UserError
 from engine.manager import Plugins
 from engine.recipe import Recipe
-from engine import report, tomlfile
+from engine import modelcard, quiet, report, tomlfile
 from engine import step as step_mod
 from engine.runfolder import check_output_dir, clear_run_files, mark_as_run, save_model
 from engine.samples import sample_at_evaluation
@@ -173,6 +173,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
         out.mkdir(parents=True, exist_ok=True)
         mark_as_run(out)
         (out / "recipe.toml").write_text(tomlfile.dumps(recipe.resolved()), encoding="utf-8")
+        quiet.keep_in(out / quiet.LOG_FILE, append=restored is not None)  # library noise kept off the screen
     accelerator.wait_for_everyone()
 
     context = TrainContext(recipe, accelerator, model, tokenizer, optimizer, scheduler, out, total_steps, TrainState())
@@ -364,6 +365,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
     emit(summary, "summary")
     if accelerator.is_main_process:
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        modelcard.write_run_cards(recipe, summary, out, {"train_documents": len(docs.train), "val_documents": len(docs.val), "val_characters": val_chars})
     plugins.hook.on_train_end(context=context, summary=summary)
     if cfg.sample_prompt and not distributed.can_generate_alone(accelerator):
         log(f"\nno sample: the weights are sharded (FSDP); run python -m engine generate {out} --prompt ...")

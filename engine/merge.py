@@ -59,6 +59,7 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32") -> Path
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    _write_card(adapter, out, model.peft_config["default"].base_model_name_or_path)
     return adapter
 
 
@@ -98,3 +99,19 @@ def restore_architecture(model: Any) -> None:
                 conv.weight = torch.nn.Parameter(linear.weight.detach().T.contiguous(), requires_grad=False)
                 conv.bias = linear.bias
                 model.set_submodule(name, conv)
+
+
+def _write_card(adapter: Path, out: Path, base: str) -> None:
+    """The merged model's card, from the adapter's run (recipe.toml, metrics.json, curves.png) when there is one."""
+    from engine import modelcard, recipe as recipe_mod
+
+    run = runfolder.run_of(adapter)
+    if run is None:
+        return
+    try:
+        recipe = recipe_mod.from_dict(runfolder.read_recipe(run), str(run / "recipe.toml"))
+    except UserError:  # a recipe of another version: no card rather than a wrong one
+        return
+    summary = runfolder.read_summary(run) if (run / "metrics.json").exists() else None
+    note = f"Merged by `python -m engine merge` from the LoRA adapter `{adapter}`."
+    modelcard.write(out, recipe, summary, run, kind="merged model", base=base, note=note)

@@ -21,8 +21,31 @@ def _hub_help(base: str) -> str:
     return (
         f"model.base: '{base}' is not a local folder and could not be loaded from the hub; "
         f"check the name and your network, or point model.base at a local folder holding config.json, "
-        f"the weights and the tokenizer (e.g. one written by save_pretrained)"
+        f"the weights and the tokenizer (one written by save_pretrained, `hf download {base} --local-dir DIR`, "
+        f"or a finished run); a model already in your Hugging Face cache loads offline with HF_HUB_OFFLINE=1"
     )
+
+
+def resolve_base(base: str) -> str:
+    """model.base as from_pretrained takes it: a finished run's folder means its final model.
+
+    A LoRA run's final/ is an adapter, not a model: merge it first (python -m engine merge).
+    """
+    from engine import runfolder
+
+    path = Path(base)
+    if not path.is_dir() or runfolder.is_model_folder(path) or not (path / "recipe.toml").exists():
+        return base
+    try:
+        folder = runfolder.model_folder(path)
+    except UserError as exc:
+        raise UserError(f"model.base: {exc.lines[0]}") from None
+    if (folder / "adapter_config.json").exists():
+        raise UserError(
+            f"model.base: '{base}' is a LoRA run, its {folder.name}/ is an adapter; merge it into a standalone model "
+            f"first (python -m engine merge {base} OUT_DIR) and set model.base to OUT_DIR"
+        )
+    return str(folder)
 
 
 def train_tokenizer(documents: Sequence[str], vocab_size: int) -> Any:
@@ -47,7 +70,7 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int) -> Any:
 def load_tokenizer(model_cfg: Any, train_documents: Sequence[str], cache: Path | None = None) -> Any:
     from transformers import AutoTokenizer
 
-    source = model_cfg.tokenizer or ("" if model_cfg.config else model_cfg.base)
+    source = model_cfg.tokenizer or ("" if model_cfg.config else resolve_base(model_cfg.base))
     if not source:
         from engine import tokcache
 
@@ -101,7 +124,7 @@ def load_model(model_cfg: Any, tokenizer: Any, mixed_precision: str = "no") -> A
         if config.vocab_size > len(tokenizer):  # padding ids: never targets; never generated either
             model.generation_config.suppress_tokens = list(range(len(tokenizer), config.vocab_size))
         return model
-    base = model_cfg.base
+    base = resolve_base(model_cfg.base)
     if os.path.isdir(base) and not (Path(base) / "config.json").exists():
         raise UserError(f"model.base: folder '{base}' has no config.json; point it at a folder written by save_pretrained")
     try:
