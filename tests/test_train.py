@@ -152,10 +152,21 @@ def test_mean_of_micro_batch_means_would_differ(tmp_path):
 
 
 def test_generate_command_continues_a_prompt(tmp_path):
+    """The command a user types, as a subprocess: the text is transformers' sample at the same seed."""
+    from transformers import set_seed
+
+    from engine.model import load_trained
+
     run_recipe(tiny_recipe(tmp_path))
     result = run_cli("generate", str(tmp_path / "run"), "--prompt", "The harbour", "--seed", "1", "sampling.max_new_tokens=10")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("The harbour") and len(result.stdout.strip()) > len("The harbour")
+    model, tokenizer = load_trained(tmp_path / "run" / "final")
+    enc = tokenizer("The harbour", return_tensors="pt")
+    set_seed(1)
+    ids = model.generate(**enc, do_sample=True, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1,
+                         no_repeat_ngram_size=2, max_new_tokens=10, pad_token_id=tokenizer.pad_token_id)
+    continuation = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert continuation.strip() and result.stdout.rstrip("\n") == "The harbour" + continuation
 
 
 def test_runs_in_one_process_each_get_their_own_precision(tmp_path, capsys):
