@@ -67,6 +67,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def direct_val_numbers(model, tokenizer, documents, max_length: int) -> tuple[float, int, int]:
+    """(nats, predicted tokens, characters) of documents straight from transformers' loss: each document
+    and its EOS, concatenated, in windows of max_length overlapping by one token (every token but the
+    first predicted once); characters count each document and its end. Independent of engine.evaluation."""
+    import torch
+
+    eos = tokenizer.eos_token_id
+    ids = [t for doc in documents for t in tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]]
+    nats, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, max_length - 1):
+            window = torch.tensor([ids[start : start + max_length]])
+            if window.shape[1] >= 2:
+                nats += model(input_ids=window, labels=window).loss.item() * (window.shape[1] - 1)
+                tokens += window.shape[1] - 1
+    assert tokens == len(ids) - 1
+    return nats, tokens, sum(len(d) + 1 for d in documents)
+
+
 def fake_package(root, name, entry_points, modules):
     """A package visible to importlib.metadata: a dist-info folder plus modules, under `root` (for PYTHONPATH)."""
     root.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,7 @@ def test_config_maps_to_the_recipe_keys():
     assert "early_stopping" not in to_recipe(validate_config({"early_stopping_patience": 0}))
 
 
+@pytest.mark.slow
 def test_dict_api_and_equivalent_recipe_give_the_same_metrics(tiny_model_dir, tmp_path):
     from engine import LanguageModelTrainer, TextDataset
     from engine import recipe as recipe_mod

@@ -263,6 +263,7 @@ def wait_for_lines(proc: subprocess.Popen, path: Path, n: int, timeout: float = 
 
 
 # ------------------------------------------------------------------ 1. exact resume
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [PER_EPOCH, 7, 2 * PER_EPOCH + 5], ids=["epoch-boundary", "mid-epoch", "later-epoch"])
 def test_exact_resume_weights_optimizer_and_logged_losses(tmp_path, reference, k):
     recipe = recipe_for(tmp_path)
@@ -278,6 +279,7 @@ def test_exact_resume_weights_optimizer_and_logged_losses(tmp_path, reference, k
     assert records(run) == reference["records"]  # every logged loss, lr, eval: no line missing or repeated
 
 
+@pytest.mark.slow
 def test_resume_from_an_older_checkpoint_path_rewinds_the_logs(tmp_path, reference):
     """A path picks that checkpoint; the lines logged after it are cut, so none is repeated."""
     recipe = recipe_for(tmp_path)
@@ -291,6 +293,7 @@ def test_resume_from_an_older_checkpoint_path_rewinds_the_logs(tmp_path, referen
 
 
 # ------------------------------------------------------------------ 3. the samples seen
+@pytest.mark.slow
 def test_samples_seen_across_interruptions_equal_the_uninterrupted_sequence(tmp_path, reference):
     recipe = recipe_for(tmp_path)
     Recorder.rows = []
@@ -305,6 +308,7 @@ def test_samples_seen_across_interruptions_equal_the_uninterrupted_sequence(tmp_
 
 
 # ------------------------------------------------------------------ 2. kill -9
+@pytest.mark.slow
 def test_kill_9_at_random_moments_and_mid_checkpoint_then_resume_auto(tmp_path, reference):
     recipe = recipe_for(tmp_path, callbacks=(), keep_checkpoints=1)
     path = write_recipe(tmp_path, recipe)
@@ -335,6 +339,7 @@ def test_kill_9_at_random_moments_and_mid_checkpoint_then_resume_auto(tmp_path, 
 
 
 # ------------------------------------------------------------------ 4. failure part-way through a checkpoint
+@pytest.mark.slow
 def test_disk_full_mid_checkpoint_exits_1_naming_the_path_and_keeps_the_previous(tmp_path, reference, monkeypatch, capsys):
     recipe = recipe_for(tmp_path, callbacks=(), keep_checkpoints=1)
     path = write_recipe(tmp_path, recipe)
@@ -365,6 +370,7 @@ def test_disk_full_mid_checkpoint_exits_1_naming_the_path_and_keeps_the_previous
 
 
 # ------------------------------------------------------------------ 5. SIGTERM and Ctrl-C
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_exits_143_and_resume_reaches_the_same_weights(tmp_path, reference):
     """A real process gets SIGTERM part-way through training."""
     recipe = recipe_for(tmp_path, callbacks=(), log_every_steps=1)
@@ -484,6 +490,7 @@ def lora_recipe(folder: Path, model_dir: Path) -> dict:
     return recipe
 
 
+@pytest.mark.slow
 def test_early_stopping_state_survives_resume_and_run_ends_with_best_weights(tmp_path, tiny_model_dir):
     Patience.decisions = []
     ref = run_recipe(lora_recipe(tmp_path / "ref", tiny_model_dir))

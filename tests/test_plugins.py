@@ -102,6 +102,7 @@ def test_broken_third_party_plugin_breaks_only_recipes_selecting_it(tmp_path):
     assert "brokenpkg 1.2.3" in listing.stdout and "fails to import" in listing.stdout
 
 
+@pytest.mark.slow
 def test_third_party_hook_with_wrong_signature_names_its_package(tmp_path):
     root = fake_package(
         tmp_path / "site", "sigpkg", {"sink.badsig": "sigmod:BadSig"},
@@ -124,6 +125,7 @@ def test_third_party_hook_with_wrong_signature_names_its_package(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_third_party_plugin_from_entry_point_runs(tmp_path):
     root = fake_package(
         tmp_path / "site", "countpkg", {"callback.counter": "countmod:Counter"},

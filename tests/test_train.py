@@ -25,6 +25,7 @@ def unigram_perplexity(tokenizer, train_docs, val_docs):
     return math.exp(nll)
 
 
+@pytest.mark.slow
 def test_quickstart_recipe_as_shipped(tmp_path):
     """The README's quickstart: trains from scratch offline, beats a unigram model by far, prints a sample."""
     out = tmp_path / "quickstart"
@@ -51,6 +52,7 @@ def test_quickstart_recipe_as_shipped(tmp_path):
     assert text.startswith("At noon, Tom") and len(text) > len("At noon, Tom") + 10
 
 
+@pytest.mark.slow
 def test_accelerate_launch_one_process_writes_run_folder(tmp_path):
     out = tmp_path / "run"
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
@@ -66,6 +68,7 @@ def test_accelerate_launch_one_process_writes_run_folder(tmp_path):
     assert [e["step"] for e in evals] == [3, 6]
 
 
+@pytest.mark.slow
 def test_lora_recipe_on_local_model_loads_with_peft(tiny_model_dir, tmp_path):
     corpus = write_corpus(tmp_path / "text.txt", n_documents=200)
     out = tmp_path / "lora-run"
@@ -94,6 +97,7 @@ def test_lora_recipe_on_local_model_loads_with_peft(tiny_model_dir, tmp_path):
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_overwritten_unless_asked(tmp_path):
     recipe = tiny_recipe(tmp_path)
     run_recipe(recipe)
@@ -116,6 +120,7 @@ def _step_losses(out):
     return [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"phase": "train"' in l]
 
 
+@pytest.mark.slow
 def test_token_weighted_loss_batch_times_accumulation_equivalence(tmp_path):
     """8 x 1, 4 x 2 and 2 x 4 give the same per-step losses and weights, on documents of uneven length."""
     results = {}
@@ -151,6 +156,7 @@ def test_mean_of_micro_batch_means_would_differ(tmp_path):
     assert len(lengths) > 5
 
 
+@pytest.mark.slow
 def test_generate_command_continues_a_prompt(tmp_path):
     """The command a user types, as a subprocess: the text is transformers' sample at the same seed."""
     from transformers import set_seed
