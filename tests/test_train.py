@@ -11,7 +11,8 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.testing import run_recipe, tiny_recipe, write_corpus
+from engine import hookimpl
+from engine.testing import inline_plugin, run_recipe, tiny_recipe, write_corpus
 from tests.conftest import REPO, run_cli
 
 
@@ -143,17 +144,57 @@ def test_token_weighted_loss_batch_times_accumulation_equivalence(tmp_path):
             torch.testing.assert_close(weights[name], w, atol=1e-5, rtol=0, msg=f"{key} {name}")
 
 
-def test_mean_of_micro_batch_means_would_differ(tmp_path):
-    """The data used above is uneven enough that the per-micro-batch-mean bug would show."""
-    from engine import data as data_mod
-    from engine.model import train_tokenizer
+class FirstStep:
+    """Keeps the initial weights, the micro-batches of step 1 as the model saw them, and step 1's logged loss."""
 
-    corpus = write_corpus(tmp_path / "c.txt")
-    docs = [d for d in corpus.read_text().split("\n\n") if d.strip()]
-    tok = train_tokenizer(docs, 300)
-    blocks = data_mod.build_blocks(docs, tok, 48, packing=False)
-    lengths = {len(b) for b in blocks}
-    assert len(lengths) > 5
+    initial: dict = {}
+    batches: list = []
+    loss: float = 0.0
+
+    @hookimpl
+    def on_train_start(self, context):
+        model = context.accelerator.unwrap_model(context.model)
+        FirstStep.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        FirstStep.batches = []
+
+        def record(module, args, kwargs):
+            if module.training and context.state.step == 0:
+                FirstStep.batches.append({k: kwargs[k].detach().clone() for k in ("input_ids", "attention_mask")})
+
+        model.register_forward_pre_hook(record, with_kwargs=True)
+
+    @hookimpl
+    def on_step_end(self, context, metrics):
+        if context.state.step == 1:
+            FirstStep.loss = metrics["loss"]
+
+
+def test_step_loss_is_token_weighted_not_a_mean_of_micro_batch_means(tmp_path):
+    """Step 1 of a 4 x 2 run on documents of uneven length: the engine's loss is the token-weighted mean over
+    both micro-batches, and the mean of the two micro-batch means differs by far more than the 1e-5 the
+    accumulation test above allows (so that test would catch the bug)."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = tiny_recipe(tmp_path, callbacks=["first_step"], data={"packing": False, "max_length": 48},
+                         train={"batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 1, "seed": 3})
+    recipe["model"]["config"].update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    with inline_plugin("callback", "first_step", FirstStep):
+        run_recipe(recipe)
+    assert len(FirstStep.batches) == 2
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    model.load_state_dict(FirstStep.initial)
+    model.eval()
+    nats, tokens, means = 0.0, 0, []
+    with torch.no_grad():
+        for batch in FirstStep.batches:
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            n = int((labels[:, 1:] != -100).sum())
+            loss = model(**batch, labels=labels).loss.item()
+            nats, tokens = nats + loss * n, tokens + n
+            means.append(loss)
+    assert len({int(b["attention_mask"].sum()) for b in FirstStep.batches}) == 2  # uneven micro-batches
+    assert FirstStep.loss == pytest.approx(nats / tokens, abs=1e-5)
+    assert abs(sum(means) / len(means) - nats / tokens) > 1e-4
 
 
 @pytest.mark.slow
