@@ -36,9 +36,9 @@ from engine.context import EarlyStopDecision, TrainContext, TrainState
 from engine.errors import Interrupted, RunFailed, UserError
 from engine.manager import Plugins
 from engine.recipe import Recipe
-from engine import report, tomlfile
+from engine import modelcard, quiet, report, tomlfile
 from engine import step as step_mod
-from engine.runfolder import check_output_dir, clear_run_files, save_model
+from engine.runfolder import check_output_dir, clear_run_files, mark_as_run, save_model
 from engine.samples import sample_at_evaluation
 
 def choose_precision(requested: str) -> str:
@@ -106,7 +106,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
     # 2. tokenizer, blocks, model
     cache = tokcache.cache_root(recipe.data)
     tokenizer = model_mod.load_tokenizer(recipe.model, docs.train, cache)
-    model = model_mod.load_model(recipe.model, tokenizer)
+    model = model_mod.load_model(recipe.model, tokenizer, accelerator.mixed_precision)
     if recipe.model.fused_activations:
         model_mod.use_fused_activations(model)
     model_mod.skip_padding_check(model)  # it reads the batch back from the GPU on every forward
@@ -138,7 +138,9 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
             f"lower train.batch_size or data.max_length, or add data"
         )
     total_steps = cfg.max_steps if cfg.max_steps > 0 else per_epoch * cfg.epochs
-    identity = checkpoint.identity(cfg, world, train_blocks, total_steps)
+    identity = checkpoint.identity(recipe, world, train_blocks, total_steps)
+    if note := advice.too_many_steps(total_steps, per_epoch, len(train_blocks), cfg.max_steps):
+        log(note)
 
     # 3. optimizer, scheduler, Accelerate
     optimizer = plugins.hook.create_optimizer(
@@ -160,11 +162,8 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
         )
     loss_name, why = loss_way(batch_size)
     log(f"loss: {why}")
-    checkpoint.register(accelerator, scheduler)
-    restored = None
-    if resume_from is not None:
-        names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-        restored = checkpoint.load(resume_from, accelerator, identity, names)
+    parts = checkpoint.register(accelerator, model, optimizer, scheduler)
+    restored = checkpoint.load(resume_from, parts, identity) if resume_from is not None else None
 
     if accelerator.is_main_process and write_run:
         if recipe.train.overwrite or (cfg.resume and restored is None):
@@ -172,7 +171,9 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
         if restored is not None:
             checkpoint.rewind_run_folder(out, restored)
         out.mkdir(parents=True, exist_ok=True)
+        mark_as_run(out)
         (out / "recipe.toml").write_text(tomlfile.dumps(recipe.resolved()), encoding="utf-8")
+        quiet.keep_in(out / quiet.LOG_FILE, append=restored is not None)  # library noise kept off the screen
     accelerator.wait_for_everyone()
 
     context = TrainContext(recipe, accelerator, model, tokenizer, optimizer, scheduler, out, total_steps, TrainState())
@@ -203,6 +204,8 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
 
     early_stopping = bool(plugins.of_kind("early_stopping"))
     loss_watch = advice.LossWatch(total_steps)
+    if restored is not None:
+        loss_watch.load_state(restored.progress.get("loss_watch"))
 
     def run_evaluation() -> bool:
         """Evaluate, track the best model; returns True when training should stop."""
@@ -231,9 +234,10 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
 
     def save_checkpoint() -> Path:
         settle()
-        progress = {"loss_window": loss_window, "window_tokens": window_tokens, "last_loss": loss, "last_eval": last_eval, "train_seconds": train_seconds}
+        progress = {"loss_window": loss_window, "window_tokens": window_tokens, "last_loss": loss, "last_eval": last_eval, "train_seconds": train_seconds,
+                    "loss_watch": loss_watch.state()}
         return checkpoint.write(
-            out, accelerator, state, lambda: trainable_state(accelerator.unwrap_model(model)), best_weights,
+            out, parts, state, lambda: trainable_state(accelerator.unwrap_model(model)), best_weights,
             plugins.states(), progress, identity, cfg.keep_checkpoints,
         )
 
@@ -361,6 +365,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
     emit(summary, "summary")
     if accelerator.is_main_process:
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        modelcard.write_run_cards(recipe, summary, out, {"train_documents": len(docs.train), "val_documents": len(docs.val), "val_characters": val_chars})
     plugins.hook.on_train_end(context=context, summary=summary)
     if cfg.sample_prompt and not distributed.can_generate_alone(accelerator):
         log(f"\nno sample: the weights are sharded (FSDP); run python -m engine generate {out} --prompt ...")

@@ -1,7 +1,8 @@
 """Typed option tables: one validator for the engine's own sections and every plugin's options.
 
 A schema is a dataclass. Each field's type says what TOML value it takes; `field(metadata=...)`
-adds limits (`min`, `max`, `gt`, `lt`) and the one-line `help` shown in docs/recipe-keys.md and by
+adds limits (`min`, `max`, `gt`, `lt`; `run_file=True`: a file name inside the run folder) and the one-line
+`help` shown in docs/recipe-keys.md and by
 `python -m engine plugins`. Validation never stops at the first problem: it returns every one.
 """
 
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from pathlib import PurePath
 from typing import Any, Literal, Union, get_args, get_origin
 
 
@@ -148,8 +151,12 @@ def _check_value(value: Any, tp: Any) -> tuple[bool, Any]:
 
 
 def _check_limits(value: Any, meta: typing.Mapping[str, Any]) -> str | None:
+    if isinstance(value, str) and meta.get("run_file") and not _plain_relative(value):
+        return f"must be a file name inside the run folder (no '..', not absolute), got {value!r}"
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
     if "min" in meta and value < meta["min"]:
         return f"must be at least {meta['min']}, got {value}"
     if "max" in meta and value > meta["max"]:
@@ -159,6 +166,11 @@ def _check_limits(value: Any, meta: typing.Mapping[str, Any]) -> str | None:
     if "lt" in meta and not value < meta["lt"]:
         return f"must be less than {meta['lt']}, got {value}"
     return None
+
+
+def _plain_relative(name: str) -> bool:
+    path = PurePath(name)
+    return bool(name) and not path.is_absolute() and not name.startswith(("/", "\\")) and ".." not in path.parts and str(path) != "."
 
 
 def fields_of(schema: type) -> list[dataclasses.Field]:

@@ -239,6 +239,7 @@ def test_fused_activations_compute_the_same_function_in_one_kernel(tmp_path):
     assert type(AutoModelForCausalLM.from_pretrained(final).transformer.h[0].mlp.act).__name__ == "NewGELUActivation"
 
 
+@pytest.mark.slow
 def test_compile_trains_and_saves_plain_weights(tmp_path, capsys):
     """train.compile: the step's forward and loss are compiled (inductor, on CPU here), it trains, reports the
     compile time, and final/ holds weights under their usual names, which load back with transformers."""
@@ -299,6 +300,7 @@ def test_cuda_graphs_are_refused_clearly_without_a_gpu_or_compile(tmp_path):
             run_recipe(tiny_recipe(tmp_path / "b", train={"cuda_graphs": True, "compile": True, "max_steps": 1}))
 
 
+@pytest.mark.slow
 def test_bench_command_measures_without_writing_a_run(tmp_path):
     from engine import tomlfile
 
@@ -328,6 +330,7 @@ def test_shakespeare_recipe_validates_with_speed_defaults():
     assert 'txt_documents = "file"' in result.stdout
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_plumbing_runs_on_cpu(tmp_path):
     """Benchmark 4 needs a GPU to mean anything; --smoke runs its every engine and Trainer run on CPU with a
     tiny model, so a GPU session only has to run it (its recipes and Trainer arguments are checked here)."""
@@ -431,6 +434,7 @@ def _benchmark(module, *args, timeout=600):
     return subprocess.run([sys.executable, "-m", f"engine.benchmarks.{module}", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_benchmark_1_runs_engine_and_trainer_and_prints_its_table(tmp_path, shared_data):
     """Benchmark 1 end to end at 2 steps: both runs train the same model on the same data and are evaluated alike."""
     out = tmp_path / "b1.json"
@@ -444,6 +448,7 @@ def test_benchmark_1_runs_engine_and_trainer_and_prints_its_table(tmp_path, shar
     assert 3.0 < engine["nats_per_char"] < 4.5 and abs(engine["nats_per_char"] - trainer["nats_per_char"]) < 0.1
 
 
+@pytest.mark.slow
 def test_benchmark_2_runs_its_four_loops_and_prints_its_table(tmp_path):
     out = tmp_path / "b2.json"
     proc = _benchmark("overhead", "--steps", "3", "--rounds", "1", "--json", str(out))
@@ -454,6 +459,7 @@ def test_benchmark_2_runs_its_four_loops_and_prints_its_table(tmp_path):
     assert all(v > 0 for v in r["tokens_per_second"].values()) and r["engine_vs_bare"] > 0
 
 
+@pytest.mark.slow
 def test_benchmark_3_measures_what_checkpointing_chunking_and_8bit_state_save(tmp_path):
     """One distilgpt2-wide layer at seq 512: logits (512 x 50257) exceed a chunk, so every row differs."""
     out = tmp_path / "b3.json"

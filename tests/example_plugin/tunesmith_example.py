@@ -28,7 +28,7 @@ class CsvMetrics:
 
     @dataclass
     class Options:
-        filename: str = opt("metrics.csv", "file name inside the run folder")
+        filename: str = opt("metrics.csv", "file name inside the run folder", run_file=True)
         columns: list[str] = opt(["loss", "lr", "val_loss"], "metrics to write, one column each")
 
     def __init__(self, options):
