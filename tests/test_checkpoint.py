@@ -498,7 +498,7 @@ def test_resume_warns_about_each_change_and_about_missing_rng_state(tmp_path, ca
     recipe = recipe_for(tmp_path, callbacks=(), max_steps=10)
     run_recipe({**recipe, "train": {**recipe["train"], "max_steps": 5}})  # a finished run with a checkpoint at step 5, continued to 10
     run = tmp_path / "run"
-    (run / "checkpoints" / checkpoint.name_for(5) / "random_states_0.pkl").unlink()
+    (run / "checkpoints" / checkpoint.name_for(5) / checkpoint.rng_file(0)).unlink()
     capsys.readouterr()
     changed = {**recipe, "train": {**recipe["train"], "batch_size": 4, "seed": 7, "resume": "auto"}}
     changed["data"] = {**recipe["data"], "max_length": 24}
@@ -508,5 +508,5 @@ def test_resume_warns_about_each_change_and_about_missing_rng_state(tmp_path, ca
     assert "resuming with a changed train.seed: 42 in the checkpoint, 7 now" in err
     assert "resuming with a changed training data (data.train, the tokenizer or data.max_length" in err
     assert "resuming with a changed number of steps (train.epochs or train.max_steps): 5 in the checkpoint, 10 now" in err
-    assert "no random number generator state for process 0 (random_states_0.pkl)" in err
+    assert "no random number generator state for process 0 (rng_state_0.json)" in err
     assert "gradient_accumulation_steps" not in err and "number of processes" not in err  # only changes are named
