@@ -123,7 +123,8 @@ def context_length(model: Any) -> int | None:
     return None
 
 
-def apply_lora(model: Any, lora_cfg: Any) -> Any:
+def apply_lora(model: Any, lora_cfg: Any, trainable_tokens: list[int] | None = None) -> Any:
+    """A peft LoRA model; trainable_tokens: embedding rows (tokens added for a chat template) trained and saved with the adapter."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -132,6 +133,7 @@ def apply_lora(model: Any, lora_cfg: Any) -> Any:
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
         target_modules=list(lora_cfg.target_modules) or None,
+        **({"trainable_token_indices": list(trainable_tokens)} if trainable_tokens else {}),
     )
     try:
         return get_peft_model(model, config)
