@@ -1,10 +1,12 @@
-"""Generates the README's reference sections from the code, so they cannot drift.
+"""Generates the reference sections of the pages in docs/ from the code, so they cannot drift.
 
-    python -m engine.docs          # rewrite the generated sections of README.md
-    python -m engine.docs --check  # exit 1 if README.md is out of date (the test suite does this)
+    python -m engine.docs          # rewrite the generated sections of every page in PAGES
+    python -m engine.docs --check  # exit 1 if a page is out of date (the test suite does this)
 
-Sections: the recipe keys (from engine.recipe's section schemas), the built-in plugins with their
-options (from each plugin's Options), and the hooks (from engine.hookspecs).
+Sections: the recipe keys (from engine.recipe's section schemas) in docs/recipe-keys.md, the built-in
+plugins with their options (from each plugin's Options) in docs/plugins.md, and the hooks (from
+engine.hookspecs) in docs/writing-plugins.md. Each section sits between
+`<!-- BEGIN generated:NAME -->` and `<!-- END generated:NAME -->` markers in its page.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from engine import hookspecs, schema
 from engine.manager import KINDS, discover
 from engine.recipe import SECTIONS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
 
 
 def _table(rows: list[tuple[str, str, str, str]], prefix: str) -> list[str]:
@@ -47,7 +50,7 @@ def plugin_reference() -> str:
     for kind_name, kind in KINDS.items():
         builtins = sorted((n, p) for n, p in available.items() if p.kind == kind_name and p.package == "tunesmith")
         for name, info in builtins:
-            out.append(f"#### `{name}` ({kind_name.replace('_', ' ')}, `{kind.slot}`)")
+            out.append(f"### `{name}` ({kind_name.replace('_', ' ')}, `{kind.slot}`)")
             out.append("")
             out.append(info.summary)
             out.append("")
@@ -80,25 +83,43 @@ def hook_reference() -> str:
 
 SECTIONS_BY_NAME = {"recipe": recipe_reference, "plugins": plugin_reference, "hooks": hook_reference}
 
+# the page (relative to the repository) that holds each generated section
+PAGES = {"recipe": "docs/recipe-keys.md", "plugins": "docs/plugins.md", "hooks": "docs/writing-plugins.md"}
 
-def render(text: str) -> str:
-    for name, make in SECTIONS_BY_NAME.items():
+
+def render(text: str, names: list[str] | None = None) -> str:
+    """`text` with the generated sections `names` (default: all) rewritten between their markers."""
+    for name in names if names is not None else list(SECTIONS_BY_NAME):
+        make = SECTIONS_BY_NAME[name]
         pattern = re.compile(rf"(<!-- BEGIN generated:{name} -->).*?(<!-- END generated:{name} -->)", re.S)
         if not pattern.search(text):
-            raise SystemExit(f"README.md has no generated:{name} markers")
+            raise SystemExit(f"{PAGES[name]} has no generated:{name} markers")
         text = pattern.sub(lambda m: m.group(1) + "\n" + make() + "\n" + m.group(2), text)
     return text
 
 
+def pages() -> dict[Path, list[str]]:
+    """Each page that holds generated sections, with the names of its sections."""
+    out: dict[Path, list[str]] = {}
+    for name, page in PAGES.items():
+        out.setdefault(REPO / page, []).append(name)
+    return out
+
+
 def main(argv: list[str]) -> int:
-    current = README.read_text(encoding="utf-8")
-    fresh = render(current)
-    if "--check" in argv:
-        if fresh != current:
-            print("README.md is out of date: run python -m engine.docs", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(fresh, encoding="utf-8")
+    stale = []
+    for path, names in pages().items():
+        current = path.read_text(encoding="utf-8")
+        fresh = render(current, names)
+        if fresh == current:
+            continue
+        if "--check" in argv:
+            stale.append(path.relative_to(REPO).as_posix())
+        else:
+            path.write_text(fresh, encoding="utf-8")
+    if stale:
+        print(f"out of date: {', '.join(stale)}: run python -m engine.docs", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,7 +1,7 @@
 """Typed option tables: one validator for the engine's own sections and every plugin's options.
 
 A schema is a dataclass. Each field's type says what TOML value it takes; `field(metadata=...)`
-adds limits (`min`, `max`, `gt`, `lt`) and the one-line `help` shown in the README and by
+adds limits (`min`, `max`, `gt`, `lt`) and the one-line `help` shown in docs/recipe-keys.md and by
 `python -m engine plugins`. Validation never stops at the first problem: it returns every one.
 """
 

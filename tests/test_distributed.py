@@ -186,7 +186,7 @@ def test_device_map_auto_in_one_process_trains_and_saves(tmp_path, tiny_model_di
 
 
 def test_fsdp_accelerate_config_resolves_to_fsdp2_with_full_state_dict():
-    """recipes/accelerate_fsdp.yaml as accelerate launch reads it (FSDP itself needs GPUs: see README)."""
+    """recipes/accelerate_fsdp.yaml as accelerate launch reads it (FSDP itself needs GPUs: see docs/processes.md)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils import FullyShardedDataParallelPlugin, patch_environment
     from accelerate.utils.launch import prepare_multi_gpu_env

@@ -1,4 +1,4 @@
-"""The README's example plugin package (tests/example_plugin), installed with pip and used as a user would.
+"""The example plugin package of docs/writing-plugins.md (tests/example_plugin), installed with pip and used as a user would.
 
 The package is installed with `pip install --no-deps --target` into a temporary folder that
 subprocesses get on PYTHONPATH, so the test environment itself is left as it was.
@@ -38,9 +38,9 @@ def example_env(tmp_path_factory):
     return {"PYTHONPATH": str(target)}
 
 
-def test_readme_shows_the_example_package_file_for_file():
-    """The package uses nothing the README does not show: its files are the README's blocks."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+def test_docs_show_the_example_package_file_for_file():
+    """The package uses nothing docs/writing-plugins.md does not show: its files are the page's blocks."""
+    readme = (REPO / "docs" / "writing-plugins.md").read_text(encoding="utf-8")
     blocks = dict(re.findall(r"<!-- example-plugin: (\S+) -->\n```\w+\n(.*?)\n```", readme, re.S))
     files = {p.name: p.read_text(encoding="utf-8").rstrip("\n") for p in EXAMPLE.iterdir() if p.is_file()}
     assert blocks == files

@@ -1,4 +1,4 @@
-"""Benchmarks, one command each (see README "Benchmarks"): `python -m engine.benchmarks.NAME --help`.
+"""Benchmarks, one command each (see docs/benchmarks.md): `python -m engine.benchmarks.NAME --help`.
 
     shakespeare  quality per second on CPU against nanoGPT's CPU quickstart and Hugging Face Trainer
     overhead     engine vs a bare PyTorch loop vs Hugging Face Trainer, same math, tokens/s
