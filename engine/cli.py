@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
     e.add_argument("--max-length", type=int, default=0, help="tokens per block (default: the run's data.max_length, else the model's context up to 1024)")
     e.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default 8)")
+    e.add_argument("--generate", type=int, default=0, metavar="N", help="also generate answers to the first N examples and report exact-match accuracy (runs trained with an instruction format)")
     m = sub.add_parser("merge", help="merge a run's LoRA adapter into its base model and save a standalone model")
     m.add_argument("run_dir", help="a LoRA run folder (uses final/), or an adapter folder")
     m.add_argument("out_dir", help="a new or empty folder for the merged model")
@@ -275,7 +276,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.max_length < 0 or args.max_length == 1 or args.batch_size < 1:
         raise UserError("--max-length must be 2 or more (0: the default) and --batch-size 1 or more")
-    result = evaluation.evaluate_text(args.model, args.data, args.max_length, args.batch_size)
+    if args.generate < 0:
+        raise UserError(f"--generate: {args.generate}; give the number of examples to answer (0: none)")
+    result = evaluation.evaluate_text(args.model, args.data, args.max_length, args.batch_size, args.generate)
     print(json.dumps(result, indent=2) if args.json else evaluation.result_table(result))
     return 0
 
