@@ -65,12 +65,11 @@ def evaluate_answers(folder: Any, recipe_table: dict[str, Any], format_name: str
     from engine import model as model_mod
     from engine.errors import UserError
 
-    slots = {k.slot: ([] if k.many else "") for k in manager.KINDS.values()}
-    slots["data.format"] = format_name
-    tables = {format_name: recipe_table[format_name]} if isinstance(recipe_table.get(format_name), dict) else {}
-    chosen, errors = manager.select(slots, tables, lambda key: "recipe.toml")
-    if errors:
-        raise UserError(*errors)
+    from engine.generate import run_format
+
+    chosen, _ = run_format(folder)
+    if not chosen:  # a model folder outside a run: plain text
+        chosen, _ = manager.select({**{k.slot: ([] if k.many else "") for k in manager.KINDS.values()}, "data.format": format_name}, {}, str)
     plugins = manager.Plugins(chosen)
     rows, _ = formats.load_rows(data, "--data", data_cfg)
     if not len(rows):

@@ -67,3 +67,29 @@ def generate_answer(
         return generate_text(model, tokenizer, plugins, prompt, streamer, **overrides)
     overrides.setdefault("eos_token_id", chat.stop_token_ids(tokenizer))
     return generate_text(model, tokenizer, plugins, text, streamer, add_special_tokens=False, **overrides)
+
+
+def run_format(model_folder: Any) -> tuple[list[Any], Any]:
+    """(selected format plugin, data section) of the run a model folder belongs to; ([], None) outside a run."""
+    from pathlib import Path
+
+    from engine import manager, runfolder, schema
+    from engine.errors import UserError
+    from engine.recipe import DataSection, data_section
+
+    run = runfolder.run_of(Path(model_folder))
+    if run is None:
+        return [], None
+    table = runfolder.read_recipe(run)
+    data = data_section(dict(table.get("data", {})))
+    data_cfg, problems = schema.validate(data, DataSection, "data.", str(run / "recipe.toml"))
+    if problems:
+        raise UserError(*problems)
+    name = table.get("data", {}).get("format", "text") or "text"
+    slots = {k.slot: ([] if k.many else "") for k in manager.KINDS.values()}
+    slots["data.format"] = name
+    options = {name: table[name]} if isinstance(table.get(name), dict) else {}
+    chosen, errors = manager.select(slots, options, lambda key: str(run / "recipe.toml"))
+    if errors:
+        raise UserError(*errors)
+    return chosen, data_cfg
