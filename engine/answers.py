@@ -38,7 +38,7 @@ def accuracy(model: Any, tokenizer: Any, examples: Sequence[Sequence[Segment]], 
 
     device = next(model.parameters()).device
     stops = chat.stop_token_ids(tokenizer)
-    right, wrong = 0, []
+    right, stopped, wrong = 0, 0, []
     chosen = list(examples)[: limit or None]
     for segments in chosen:
         prompt, expected = prompt_and_answer(segments)
@@ -47,13 +47,16 @@ def accuracy(model: Any, tokenizer: Any, examples: Sequence[Sequence[Segment]], 
         if enc["input_ids"].shape[1] == 0:
             enc = {"input_ids": torch.tensor([[tokenizer.eos_token_id]], device=device)}
         out = model.generate(**enc, do_sample=False, max_new_tokens=budget, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
-        got = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        new = out[0, enc["input_ids"].shape[1] :]
+        stopped += int(len(new) > 0 and new[-1].item() in stops)
+        got = tokenizer.decode(new, skip_special_tokens=True).strip()
         want = _clean(tokenizer, expected)
         if got == want:
             right += 1
         elif len(wrong) < 3:
             wrong.append({"prompt": prompt, "expected": want, "generated": got})
-    return {"exact_match": right / max(1, len(chosen)), "answered": len(chosen), "mismatches": wrong}
+    n = max(1, len(chosen))
+    return {"exact_match": right / n, "stopped": stopped / n, "answered": len(chosen), "mismatches": wrong}
 
 
 def evaluate_answers(folder: Any, recipe_table: dict[str, Any], format_name: str, data_cfg: Any, data: str,
@@ -124,6 +127,7 @@ def result_table(result: dict[str, Any]) -> str:
     ]
     if "exact_match" in result:
         rows.append(("exact match", f"{result['exact_match']:.1%} of {result['answered']} generated answers"))
+        rows.append(("stopped", f"{result['stopped']:.1%} ended with an end-of-answer token"))
         for m in result["mismatches"]:
             rows.append(("  e.g.", f"expected {m['expected']!r}, generated {m['generated']!r}"))
     return "\n".join([*result["notes"], *report.label_lines(rows)])

@@ -12,14 +12,13 @@ from engine import chat, hookimpl
 from engine.testing import inline_plugin, run_recipe, tiny_recipe
 from tests.conftest import REPO, run_cli
 
-CHATS = [
-    [{"role": "user", "content": f"Reverse: {a} {b}"}, {"role": "assistant", "content": f"{b} {a}"}]
-    for a in ("boat", "sea", "lamp", "bread", "apples") for b in ("wind", "town", "harbour", "garden")
-]
+QA = [("Colour of the sea?", "blue"), ("Colour of grass?", "green"), ("Colour of snow?", "white"), ("Colour of coal?", "black"),
+      ("Sound of a cat?", "meow"), ("Sound of a dog?", "woof"), ("Sound of a cow?", "moo"), ("Sound of a duck?", "quack")]
+CHATS = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
 
 
-def write_chats(path, system=False):
-    rows = [{"messages": ([{"role": "system", "content": "Be brief."}] if system else []) + c} for c in CHATS]
+def write_chats(path, system=False, copies=1):
+    rows = [{"messages": ([{"role": "system", "content": "Be brief."}] if system else []) + c} for c in CHATS] * copies
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     return path
 
@@ -27,12 +26,11 @@ def write_chats(path, system=False):
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("chat-run")
-    data = write_chats(folder / "chats.jsonl")
-    pairs = folder / "pairs.jsonl"
-    pairs.write_text("\n".join(json.dumps({"prompt": c[0]["content"] + " =", "completion": c[1]["content"]}) for c in CHATS) + "\n")
-    recipe = tiny_recipe(folder, data={"train": str(data), "val": str(data), "format": "chat", "max_length": 64},
-                         decoding="greedy", train={"max_steps": 60, "batch_size": 4, "learning_rate": 1e-2, "sample_prompts": ["Reverse: boat town"],
-                                                   "eval_every_steps": 60, "sample_max_new_tokens": 6})
+    data, val = write_chats(folder / "train.jsonl", copies=4), write_chats(folder / "chats.jsonl")
+    recipe = tiny_recipe(folder, data={"train": str(data), "val": str(val), "format": "chat", "max_length": 32},
+                         model={"config": {"model_type": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 64}, "tokenizer_vocab_size": 300},
+                         decoding="greedy", train={"max_steps": 150, "batch_size": 4, "learning_rate": 1e-2, "sample_prompts": ["Sound of a cow?"],
+                                                   "eval_every_steps": 150, "sample_max_new_tokens": 6})
     summary = run_recipe(recipe)
     return folder, summary
 
@@ -45,33 +43,33 @@ def test_template_saved_with_the_run_works_in_plain_transformers(chat_run):
     tokenizer = AutoTokenizer.from_pretrained(final)
     assert tokenizer.chat_template == chat.DEFAULT_TEMPLATE
     text = tokenizer.apply_chat_template(CHATS[0][:1], tokenize=False, add_generation_prompt=True)
-    assert text == "<|im_start|>user\nReverse: boat wind<|im_end|>\n<|im_start|>assistant\n"
+    assert text == "<|im_start|>user\nColour of the sea?<|im_end|>\n<|im_start|>assistant\n"
     model = AutoModelForCausalLM.from_pretrained(final)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert end in model.generation_config.eos_token_id  # plain generate() stops at the end of the turn
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=10, do_sample=False)
-    assert out[0, -1].item() == end and tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip() == "wind boat"
+    assert out[0, -1].item() == end and tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip() == "blue"
 
 
 def test_samples_at_evaluation_use_the_chat_format(chat_run):
     folder, _ = chat_run
-    (record,) = [json.loads(line) for line in (folder / "run" / "samples.jsonl").read_text().splitlines()]
-    assert record["prompt"] == "Reverse: boat town" and record["text"].strip() == "town boat"
+    record = [json.loads(line) for line in (folder / "run" / "samples.jsonl").read_text().splitlines()][-1]
+    assert record["prompt"] == "Sound of a cow?" and record["text"].strip() == "moo"
 
 
 def test_generate_and_chat_commands_format_the_prompt_and_stop(chat_run):
     folder, _ = chat_run
     run = str(folder / "run")
-    result = run_cli("generate", run, "--prompt", "Reverse: sea garden")
+    result = run_cli("generate", run, "--prompt", "Colour of snow?")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "garden sea"  # the answer only: formatted as a user turn, stopped at <|im_end|>
-    raw = run_cli("generate", run, "--prompt", "Reverse: sea garden", "--raw", "greedy.max_new_tokens=4")
-    assert raw.returncode == 0 and raw.stdout.startswith("Reverse: sea garden") and raw.stdout.strip() != "Reverse: sea garden garden sea"
-    piped = subprocess.run([sys.executable, "-m", "engine", "chat", run], input="Reverse: lamp town\nReverse: bread harbour\n",
+    assert result.stdout.strip() == "white"  # the answer only: formatted as a user turn, stopped at <|im_end|>
+    raw = run_cli("generate", run, "--prompt", "Colour of snow?", "--raw", "greedy.max_new_tokens=4")
+    assert raw.returncode == 0 and raw.stdout.startswith("Colour of snow?") and raw.stdout.strip() != "Colour of snow? white"
+    piped = subprocess.run([sys.executable, "-m", "engine", "chat", run], input="Sound of a dog?\nColour of coal?\n",
                            capture_output=True, text=True, cwd=REPO, timeout=600)
     assert piped.returncode == 0, piped.stderr[-2000:]
-    assert [line.strip() for line in piped.stdout.splitlines() if line.strip()] == ["town lamp", "harbour bread"]
+    assert [line.strip() for line in piped.stdout.splitlines() if line.strip()] == ["woof", "black"]
 
 
 def test_eval_reports_answer_loss_and_exact_match(chat_run):
@@ -79,10 +77,14 @@ def test_eval_reports_answer_loss_and_exact_match(chat_run):
     result = run_cli("eval", str(folder / "run"), "--data", str(folder / "chats.jsonl"), "--generate", "20", "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     got = json.loads(result.stdout)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder / "run" / "final")
     assert got["format"] == "chat" and got["examples"] == len(CHATS)
-    assert got["tokens"] == 3 * len(CHATS)  # two words and the end of turn per answer: nothing else is scored
+    answers = sum(len(tokenizer(a + "<|im_end|>", add_special_tokens=False)["input_ids"]) for _, a in QA)
+    assert got["tokens"] == answers  # each answer and its end of turn: nothing else is scored
     assert got["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
-    assert got["exact_match"] >= 0.9 and got["answered"] == 20
+    assert got["exact_match"] == 1.0 and got["answered"] == len(CHATS)
 
 
 def test_python_api_generate_formats_like_training(chat_run):
@@ -92,8 +94,8 @@ def test_python_api_generate_formats_like_training(chat_run):
     trainer = LanguageModelTrainer()
     trainer.load_model(folder / "run" / "final")
     torch.manual_seed(0)
-    assert trainer.generate("Reverse: apples wind", temperature=0.01, top_k=1).strip() == "wind apples"
-    assert trainer.generate("Reverse: apples wind", max_new_tokens=3, raw=True) != "wind apples"
+    assert trainer.generate("Sound of a duck?", temperature=0.01, top_k=1).strip() == "quack"
+    assert trainer.generate("Sound of a duck?", max_new_tokens=3, raw=True).strip() != "quack"
 
 
 class EmbeddingsAtStart:

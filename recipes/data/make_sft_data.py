@@ -1,9 +1,8 @@
-"""Writes sft_train.jsonl and sft_val.jsonl: chats in which the assistant reverses a list of words.
+"""Writes sft_train.jsonl and sft_val.jsonl: chats in which the assistant reverses a list of three words.
 
 A task whose answers can be checked exactly (python -m engine eval RUN --data recipes/data/sft_val.jsonl
 --generate 200), made by this script with a seeded generator, so recipes/sft.toml needs no download.
-Every validation list is one the training chats never show. Some chats have a system turn, some two
-rounds of user and assistant turns. Run `python recipes/data/make_sft_data.py` to rebuild the files.
+Every validation list is one the training chats never show. Run `python recipes/data/make_sft_data.py` to rebuild the files.
 """
 
 import json
@@ -11,12 +10,11 @@ import random
 from pathlib import Path
 
 WORDS = "apple boat bread cat door egg fish hat jar kite lamp map owl rope sea tree".split()
-SYSTEM = "You reverse lists of words."
 HERE = Path(__file__).resolve().parent
 
 
 def word_list(rng: random.Random) -> tuple[str, ...]:
-    return tuple(rng.sample(WORDS, rng.randint(2, 4)))
+    return tuple(rng.sample(WORDS, 3))
 
 
 def turns(words: tuple[str, ...]) -> list[dict[str, str]]:
@@ -28,19 +26,10 @@ def chats(rng: random.Random, n: int, avoid: set, seen: set) -> list[dict]:
     out = []
     while len(out) < n:
         words = word_list(rng)
-        if words in avoid:
+        if words in avoid or words in seen:
             continue
         seen.add(words)
-        messages = turns(words)
-        if rng.random() < 0.3:
-            messages = [{"role": "system", "content": SYSTEM}, *messages]
-        if rng.random() < 0.2:
-            more = word_list(rng)
-            if more in avoid:
-                continue
-            seen.add(more)
-            messages += turns(more)
-        out.append({"messages": messages})
+        out.append({"messages": turns(words)})
     return out
 
 
@@ -48,7 +37,7 @@ def main() -> None:
     rng = random.Random(1234)
     val_lists: set = set()
     val = chats(rng, 200, set(), val_lists)
-    train = chats(rng, 3000, val_lists, set())
+    train = chats(rng, 2400, val_lists, set())
     for name, rows in (("sft_train.jsonl", train), ("sft_val.jsonl", val)):
         with (HERE / name).open("w", encoding="utf-8") as f:
             for row in rows:
