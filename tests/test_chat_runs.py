@@ -12,6 +12,8 @@ from engine import chat, hookimpl
 from engine.testing import inline_plugin, run_recipe, tiny_recipe
 from tests.conftest import REPO, run_cli
 
+pytestmark = pytest.mark.slow  # each trains a small model for a minute or more on a busy CPU
+
 QA = [("Colour of the sea?", "blue"), ("Colour of grass?", "green"), ("Colour of snow?", "white"), ("Colour of coal?", "black"),
       ("Sound of a cat?", "meow"), ("Sound of a dog?", "woof"), ("Sound of a cow?", "moo"), ("Sound of a duck?", "quack")]
 CHATS = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
