@@ -28,6 +28,8 @@ def oom_advice(recipe: Any) -> str:
         steps.append('use optimizer = "adamw8bit" (8-bit optimizer state)')
     if not recipe.lora.enabled:
         steps.append("train a LoRA adapter (lora.enabled = true)")
+    elif not recipe.model.config and getattr(recipe.model, "quantization", "none") == "none":
+        steps.append('load the base in 4 bits (model.quantization = "4bit": QLoRA, docs/qlora.md)')
     return "out of GPU memory; to fit, " + "; ".join(steps)
 
 
@@ -59,6 +61,23 @@ class LossWatch:
         self.warm_at: int | None = None
         self.done = False
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (JSON), so that a resumed run warns exactly when an uninterrupted one would."""
+        return {"first": list(self.first), "recent": list(self.recent), "prev_lr": self.prev_lr, "warm_at": self.warm_at, "done": self.done}
+
+    def load_state(self, state: Any) -> None:
+        """Take back state() from a checkpoint; a checkpoint without it (or a malformed one) leaves the watch fresh."""
+        if not isinstance(state, dict):
+            return
+        try:
+            first, recent = [float(x) for x in state["first"]], [float(x) for x in state["recent"]]
+            prev_lr = None if state["prev_lr"] is None else float(state["prev_lr"])
+            warm_at = None if state["warm_at"] is None else int(state["warm_at"])
+            done = bool(state["done"])
+        except (KeyError, TypeError, ValueError):
+            return
+        self.first, self.recent, self.prev_lr, self.warm_at, self.done = first, recent, prev_lr, warm_at, done
+
     def update(self, step: int, loss: float, lr: float, learning_rate: float) -> str | None:
         """Feed one optimizer step; returns a warning line the first time the loss is found stuck."""
         if self.done:
@@ -81,3 +100,14 @@ class LossWatch:
             f"Check the learning rate (train.learning_rate = {learning_rate:g}: too low does nothing; also the "
             f"scheduler's warmup) and the data (data.train: real text, not empty, repeated or mostly padding; data.max_length)"
         )
+
+
+def too_many_steps(total_steps: int, per_epoch: int, blocks: int, max_steps: int) -> str | None:
+    """A warning when the run would pass over its training data more than 100 times (a typo in train.max_steps?)."""
+    if per_epoch <= 0 or total_steps <= 100 * per_epoch:
+        return None
+    key = f"train.max_steps = {max_steps}" if max_steps > 0 else f"train.epochs = {total_steps // per_epoch}"
+    return (
+        f"warning: {key} is {total_steps} steps, {total_steps / per_epoch:.0f} passes over the training data "
+        f"({blocks} blocks, {per_epoch} steps per epoch); the model will memorize it. Lower the steps or add data"
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -105,6 +106,22 @@ def to_recipe(cfg: ConfigSchema) -> dict[str, Any]:
     return recipe
 
 
+# recipe keys set from the config, named in errors by the config's own keys
+CONFIG_KEY_OF = {
+    "model.base": "base_model", "data.train": "data_dir", "train.output_dir": "model_dir", "data.max_length": "max_length",
+    "train.batch_size": "batch_size", "train.gradient_accumulation_steps": "gradient_accumulation_steps",
+    "train.epochs": "epochs", "train.learning_rate": "learning_rate", "train.weight_decay": "weight_decay",
+    "data.val_split": "val_split", "train.gradient_checkpointing": "use_gradient_checkpointing",
+    "lora.r": "lora_r", "lora.alpha": "lora_alpha", "lora.dropout": "lora_dropout", "lora.enabled": "use_lora",
+}
+_RECIPE_KEY = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in CONFIG_KEY_OF) + r")(?![\w])")
+
+
+def in_config_terms(exc: UserError) -> UserError:
+    """The same error with the recipe keys the config sets named as the config names them (base_model, not model.base)."""
+    return UserError(*(_RECIPE_KEY.sub(lambda m: CONFIG_KEY_OF[m.group(1)], line) for line in exc.lines))
+
+
 def check_data_dir(data_dir: str) -> None:
     folder = Path(data_dir)
     if not folder.is_dir() or not any(folder.glob("*.txt")):
@@ -140,9 +157,12 @@ class LanguageModelTrainer:
         from engine.advice import explain_out_of_memory
 
         check_data_dir(self.settings.data_dir)
-        recipe = recipe_mod.from_dict(self.recipe(), "config (LanguageModelTrainer)")
-        with explain_out_of_memory(recipe):
-            self.summary = loop.train(recipe)
+        try:
+            recipe = recipe_mod.from_dict(self.recipe(), "config (LanguageModelTrainer)")
+            with explain_out_of_memory(recipe):
+                self.summary = loop.train(recipe)
+        except UserError as exc:
+            raise in_config_terms(exc) from None
         out = Path(self.settings.model_dir)
         self.load_model(out / "best" if (out / "best").is_dir() else out / "final_model")
         return self.summary
@@ -164,11 +184,20 @@ class LanguageModelTrainer:
         import torch
 
         from engine import data as data_mod
-        from engine.loop import token_loss_sum
+        from engine.loss import token_loss_sum
+
+        from engine import model as model_mod
 
         self._need_model()
         batch_size = batch_size or self.settings.batch_size
         blocks = [item["input_ids"] for item in dataset]
+        limit = model_mod.context_length(self.model)
+        longest = max((len(b) for b in blocks), default=0)
+        if limit is not None and longest > limit:
+            raise UserError(
+                f"dataset: its blocks hold up to {longest} tokens, more than the model's context ({limit}); "
+                f"build it with max_length {limit} or less, e.g. TextDataset(path, trainer.tokenizer, {limit})"
+            )
         device = next(self.model.parameters()).device
         nats, tokens = 0.0, 0
         was_training = self.model.training

@@ -3,13 +3,14 @@
     python -m engine                                   train with engine.CONFIG on ./data/*.txt (the original design)
     python -m engine RECIPE [key=value ...]            train (same as `train RECIPE`)
     python -m engine check RECIPE [key=value ...]      validate, print the resolved recipe and plugins
-    python -m engine plugins                           list installed plugins
+    python -m engine plugins [NAME]                    list installed plugins, or one plugin's options
     python -m engine generate RUN_DIR --prompt TEXT [--raw] [key=value ...]
     python -m engine chat RUN_DIR [key=value ...]          one user turn per line of stdin (works in a pipe)
     python -m engine eval RUN_DIR|MODEL_DIR --data PATH [--json]   loss, perplexity, bits/char of a text
-    python -m engine merge RUN_DIR OUT_DIR                    LoRA adapter + base -> standalone model
+    python -m engine merge RUN_DIR OUT_DIR [--dtype D]        LoRA adapter + base -> standalone model
     python -m engine runs DIR... [--plot FILE.png]            finished runs side by side
     python -m engine bench RECIPE [key=value ...] [--steps N] [--json PATH]
+    python -m engine push RUN_DIR|MODEL_DIR --repo-id USER/NAME [--private] [--dry-run]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Sequence
 
 from engine.errors import Interrupted, RunFailed, UserError
 
-COMMANDS = ("train", "check", "plugins", "generate", "chat", "eval", "merge", "runs", "bench")
+COMMANDS = ("train", "check", "plugins", "generate", "chat", "eval", "merge", "runs", "bench", "push")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_text)
         s.add_argument("recipe", help="path of a TOML recipe")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides with TOML values")
-    sub.add_parser("plugins", help="list installed plugins (built-in and third-party)")
+    pl = sub.add_parser("plugins", help="list installed plugins (built-in and third-party), or show one plugin's options")
+    pl.add_argument("name", nargs="?", default=None, help="a plugin name: show its options, defaults and package")
     g = sub.add_parser("generate", help="continue a prompt with a trained run")
     g.add_argument("run_dir", help="a run folder (uses final/), or a model folder")
     g.add_argument("--prompt", required=True, help="text to continue")
@@ -55,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge a run's LoRA adapter into its base model and save a standalone model")
     m.add_argument("run_dir", help="a LoRA run folder (uses final/), or an adapter folder")
     m.add_argument("out_dir", help="a new or empty folder for the merged model")
+    m.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="dtype of the merged weights (a quantized base is dequantized to it; default fp32)")
     r = sub.add_parser("runs", help="compare finished runs: key metrics and the recipe keys that differ")
     r.add_argument("run_dirs", nargs="+", metavar="DIR", help="run folders (each with metrics.json)")
     r.add_argument("--plot", metavar="FILE.png", help="also draw their validation loss curves into this PNG file")
@@ -63,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides with TOML values")
     b.add_argument("--steps", type=int, default=20, help="optimizer steps to time (default 20; the first is warm-up)")
     b.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    u = sub.add_parser("push", help="upload a run's model (final/, with its model card) to the Hugging Face Hub")
+    u.add_argument("run_dir", help="a run folder (uploads final/), or a model folder (best/, merge's output)")
+    u.add_argument("--repo-id", required=True, help="the hub repository, user/model-name (created if missing)")
+    u.add_argument("--private", action="store_true", help="create the repository private")
+    u.add_argument("--dry-run", action="store_true", help="list the folder and files that would be uploaded; send nothing")
     return p
 
 
@@ -78,6 +86,9 @@ def quiet_progress_bars_off_terminal() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_progress_bars_off_terminal()
+    from engine import quiet
+
+    quiet.install()  # known third-party warnings the engine has dealt with: off the screen, into the run's warnings.log
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv = ["train", *argv]  # `python -m engine recipe.toml` trains
     parser = _parser()
@@ -96,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             return cmd_train(args.recipe, args.overrides)
         if args.command == "plugins":
-            return cmd_plugins()
+            return cmd_plugins(args.name)
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "chat":
@@ -113,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from engine import bench
 
             return bench.main(args.recipe, args.overrides, args.steps, args.json)
+        if args.command == "push":
+            from engine import push
+
+            print(push.push(args.run_dir, args.repo_id, args.private, args.dry_run))
     except UserError as exc:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
@@ -150,7 +165,10 @@ def cmd_check(path: str, overrides: list[str]) -> int:
     from engine import recipe as recipe_mod
     from engine import tomlfile
 
+    from engine import runfolder
+
     recipe = recipe_mod.load(path, overrides)
+    runfolder.check_can_write(recipe)
     print(tomlfile.dumps(recipe.resolved()))
     print("# plugins")
     for sel in recipe.plugins:
@@ -174,10 +192,12 @@ def cmd_train(path: str, overrides: list[str]) -> int:
     return 0
 
 
-def cmd_plugins() -> int:
+def cmd_plugins(name: str | None = None) -> int:
     from engine.manager import KINDS, discover
 
     available, problems = discover()
+    if name is not None:
+        return show_plugin(name, available, problems)
     rows = []
     for name, info in sorted(available.items(), key=lambda kv: (list(KINDS).index(kv[1].kind), kv[0])):
         try:
@@ -194,9 +214,44 @@ def cmd_plugins() -> int:
     return 0
 
 
+def show_plugin(name: str, available: dict, problems: dict[str, str]) -> int:
+    """`python -m engine plugins NAME`: what the plugin is, where it comes from, its options table."""
+    import inspect
+
+    from engine import schema
+    from engine.manager import KINDS
+
+    if name in problems and name not in available:
+        raise UserError(problems[name])
+    info = available.get(name)
+    if info is None:
+        raise UserError(f"plugins: unknown plugin '{name}'{schema.did_you_mean(name, available)}; python -m engine plugins lists them")
+    cls = info.load()
+    kind = KINDS[info.kind]
+    select = f'{kind.slot} = ["{name}"]' if kind.many else f'{kind.slot} = "{name}"'
+    lines = [f"{name}: a {info.kind.replace('_', ' ')} plugin; select it with  {select}",
+             f"package: {info.package} {info.version}".rstrip() + f"  ({info.target})", ""]
+    doc = inspect.cleandoc(cls.__doc__ or "").strip()
+    lines += [doc, ""] if doc else []
+    options = getattr(cls, "Options", None)
+    if options is None:
+        lines.append("No options.")
+    else:
+        rows = [(f"{name}.{n}", t, d, h) for n, t, d, h in schema.option_rows(options)]
+        header = ("option", "type", "default", "meaning")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+        lines.append(f"options (a [{name}] table in the recipe, or {name}.OPTION=VALUE on the command line):")
+        for r in [header, *rows]:
+            lines.append(f"  {r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip())
+    if name in problems:
+        lines.append(f"warning: {problems[name]}")
+    print("\n".join(lines))
+    return 0
+
+
 def _load_for_generation(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """(model, tokenizer, plugins, data section or None) of a run (or model folder) for generate and chat."""
-    from engine import model as model_mod, recipe as recipe_mod, tomlfile
+    from engine import from_checkpoint, recipe as recipe_mod, tomlfile
     from engine.manager import Plugins
 
     run = Path(args.run_dir)
@@ -204,7 +259,7 @@ def _load_for_generation(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     data = tomlfile.loads(recipe_path.read_text(encoding="utf-8")) if recipe_path.exists() else {"data": {"train": "-"}}
     final_dir = data.get("train", {}).get("final_dir", "final")
     model_dir = Path(args.model) if args.model not in ("final", "best") else run / (final_dir if args.model == "final" else "best")
-    is_model_folder = (run / "config.json").exists() or (run / "adapter_config.json").exists()
+    is_model_folder = (run / "config.json").exists() or (run / "adapter_config.json").exists() or (run / "weights.safetensors").exists()
     if not recipe_path.exists() and is_model_folder:
         model_dir = run  # a model folder given directly
     if not model_dir.is_dir():
@@ -218,7 +273,7 @@ def _load_for_generation(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     recipe = recipe_mod.from_dict(data, str(recipe_path), origins)
     formatted = recipe_path.exists() and not getattr(args, "raw", False)
     plugins = Plugins([s for s in recipe.plugins if s.kind == "decoding" or (formatted and s.kind == "format")])
-    model, tokenizer = model_mod.load_trained(model_dir)
+    model, tokenizer, _ = from_checkpoint.load_any(model_dir)  # a model, an adapter or a checkpoint
     if args.seed is not None:
         from transformers import set_seed
 
@@ -231,6 +286,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from engine import generate
 
+    if not args.prompt:
+        raise UserError("--prompt: empty; give the text to continue (e.g. --prompt 'Once upon a time')")
     model, tokenizer, plugins, data_cfg = _load_for_generation(args)
     formatted = generate.formatted_prompt(plugins, data_cfg, tokenizer, [{"role": "user", "content": args.prompt}])
     if formatted is None or formatted == args.prompt:
@@ -286,7 +343,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from engine import merge
 
-    adapter = merge.merge(args.run_dir, args.out_dir)
+    adapter = merge.merge(args.run_dir, args.out_dir, args.dtype)
     print(f"merged {adapter} into its base model: {args.out_dir} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
 

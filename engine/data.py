@@ -296,6 +296,12 @@ class TextDataset(torch.utils.data.Dataset):
     def __init__(self, path: str, tokenizer: Any, max_length: int = 512):
         from engine.recipe import DataSection
 
+        limit = getattr(tokenizer, "model_max_length", None)
+        if isinstance(limit, int) and 1 < limit < 1_000_000 and max_length > limit:  # tokenizers without a limit say 1e30
+            raise UserError(
+                f"TextDataset: max_length {max_length} is longer than the model's context ({limit}, the tokenizer's "
+                f"model_max_length); give max_length {limit} or less"
+            )
         cfg = DataSection(train=str(path))
         docs, _ = load_documents(str(path), "path", cfg)
         if not docs:

@@ -27,7 +27,8 @@ DOCS = REPO / "docs"
 def _table(rows: list[tuple[str, str, str, str]], prefix: str) -> list[str]:
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for name, typ, default, help_text in rows:
-        lines.append(f"| `{prefix}{name}` | {typ} | `{default}` | {help_text.replace('|', '/')} |")
+        shown = default if default.startswith("(") else f"`{default}`"  # (required), (not set)
+        lines.append(f"| `{prefix}{name}` | {typ} | {shown} | {help_text.replace('|', '/')} |")
     return lines
 
 
@@ -78,7 +79,35 @@ def hook_reference() -> str:
     for name, sig, doc in hook_signatures():
         out.append(f"```python\n{name}{sig}\n```\n")
         out.append(doc.replace("\n", "  \n") + "\n")
+    out.append(context_reference())
     return "\n".join(out).rstrip()
+
+
+def context_reference() -> str:
+    """TrainContext's attributes and methods, and the metric keys of each phase (engine.context)."""
+    from engine.context import METRICS, TrainContext
+
+    doc = inspect.getdoc(TrainContext) or ""
+    *intro, attributes = doc.split("\n\n")
+    items = re.split(r"\n(?=\w+: )", attributes.strip())
+    out = ["### TrainContext", "", f"`from engine import TrainContext`. {' '.join(' '.join(intro).split())}", "",
+           "| attribute | what it holds |", "| --- | --- |"]
+    for item in items:
+        name, _, text = item.partition(": ")
+        out.append(f"| `context.{name}` | {' '.join(text.split())} |")
+    for name in ("request_stop", "run_file", "is_main_process"):
+        member = getattr(TrainContext, name)
+        text = inspect.getdoc(member.fget if isinstance(member, property) else member) or ""
+        call = name if isinstance(member, property) else name + str(inspect.signature(member)).replace("self, ", "").replace("'", "").split(" ->")[0]
+        out.append(f"| `context.{call}` | {' '.join(text.split())} |")
+    out += ["", "### Metrics by phase", "",
+            "The keys each hook's `metrics` holds (`tests/test_plugin_api.py` checks that exactly these are sent):", ""]
+    where = {"step": "`on_step_end`, every step", "train": '`log_metrics(phase="train")`',
+             "eval": '`log_metrics(phase="eval")` and `on_evaluate`', "summary": '`log_metrics(phase="summary")` and metrics.json'}
+    for phase, keys in METRICS.items():
+        out += [f"{where[phase]}:", "", "| key | meaning |", "| --- | --- |"]
+        out += [f"| `{k}` | {v} |" for k, v in keys.items()] + [""]
+    return "\n".join(out)
 
 
 SECTIONS_BY_NAME = {"recipe": recipe_reference, "plugins": plugin_reference, "hooks": hook_reference}

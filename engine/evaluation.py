@@ -16,22 +16,12 @@ import torch
 
 from engine import data as data_mod
 from engine import report
-
-
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropy over a batch, and the number of target tokens.
-
-    chunked: compute it from the final hidden states in chunks (engine/loss.py), never holding the
-    full fp32 logits; the result equals the plain computation.
-    """
-    from engine import loss as loss_mod
-
-    return loss_mod.token_loss_sum(model, batch, chunked)
+from engine.loss import token_loss_sum
 
 
 @torch.no_grad()
 def evaluate(
-    model: Any, accelerator: Any, blocks: list[torch.Tensor], batch_size: int, pad_id: int, n_chars: int, chunked: bool = True
+    model: Any, accelerator: Any, blocks: list[torch.Tensor], batch_size: int, pad_id: int, n_chars: int, chunked: bool | str = True
 ) -> dict[str, float]:
     """Mean token loss, perplexity and bits per character; each block counted once.
 
@@ -80,7 +70,7 @@ def evaluate_text(model_path: str, data: str, max_length: int = 0, batch_size: i
     from a run folder (recipe.toml); max_length 0 means the run's data.max_length, or the model's
     context length (at most 1024) for a model folder outside a run.
     """
-    from engine import model as model_mod, runfolder, schema
+    from engine import from_checkpoint, model as model_mod, runfolder, schema
     from engine.errors import UserError
     from engine.recipe import DataSection
 
@@ -104,8 +94,10 @@ def evaluate_text(model_path: str, data: str, max_length: int = 0, batch_size: i
         raise UserError(f"--data: '{data}' holds no text")
     with warnings.catch_warnings():  # libraries' deprecation notices about each other are not the user's business
         warnings.simplefilter("ignore", FutureWarning)
-        model, tokenizer = model_mod.load_trained(folder)
-    if torch.cuda.is_available():
+        model, tokenizer, kind = from_checkpoint.load_any(folder)
+    from engine import quant
+
+    if torch.cuda.is_available() and not quant.is_quantized(model):  # a quantized base was loaded onto its device
         model.to("cuda")
     limit = model_mod.context_length(model)
     length = max_length or (data_cfg.max_length if run else min(limit or 1024, 1024))
@@ -116,10 +108,9 @@ def evaluate_text(model_path: str, data: str, max_length: int = 0, batch_size: i
         raise UserError(f"--data: '{data}' gives no token to predict (it needs at least two tokens)")
     n_chars = data_mod.characters(documents)
     result = evaluate(model, None, blocks, batch_size, tokenizer.pad_token_id, n_chars)
-    trainable = (folder / "adapter_config.json").exists()
     return {
         "model": str(folder),
-        "kind": "LoRA adapter" if trainable else "model",
+        "kind": f"checkpoint, {kind}" if from_checkpoint.is_checkpoint(folder) else kind,
         "data": data,
         "documents": len(documents),
         "characters": n_chars,

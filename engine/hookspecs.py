@@ -107,7 +107,9 @@ def create_scheduler(optimizer: "torch.optim.Optimizer", total_steps: int) -> An
 
     optimizer: the optimizer from create_optimizer.
     total_steps: the number of optimizer steps the run will take.
-    Returns a torch LRScheduler, stepped once after every optimizer step.
+    Returns a torch LRScheduler, stepped once after every optimizer step (not after a step the
+    optimizer skipped: an fp16 overflow, or a non-finite loss with train.on_nan = "skip"); the logged
+    lr is its rate after that step.
     The first non-None result wins.
     """
 
@@ -117,7 +119,8 @@ def create_scheduler(optimizer: "torch.optim.Optimizer", total_steps: int) -> An
 def early_stopping_check(metrics: dict[str, float], step: int) -> "EarlyStopDecision":
     """Judge one evaluation.
 
-    metrics: everything logged at this evaluation (val_loss, perplexity, val_bpc, ...).
+    metrics: everything logged at this evaluation (the eval keys under "Metrics by phase", plus any
+    a plugin added in on_evaluate).
     step: the optimizer step of the evaluation.
     Returns EarlyStopDecision(improved, stop): improved makes this the best model so far (saved as
     best/ and restored at the end); stop ends training on every process.
@@ -130,9 +133,11 @@ def early_stopping_check(metrics: dict[str, float], step: int) -> "EarlyStopDeci
 def log_metrics(metrics: dict[str, float], step: int, phase: str) -> None:
     """Record metrics.
 
-    metrics: names to numbers (loss, lr, tokens_per_second, val_loss, ...).
+    metrics: names to values; the keys of each phase are listed under "Metrics by phase" below.
     step: the optimizer step they belong to.
-    phase: "train" for a training log, "eval" for an evaluation, "summary" once at the end.
+    phase: "train" for a training log (every train.log_every_steps steps and at the last step),
+    "eval" for an evaluation, "summary" once at the end (the contents of metrics.json: numbers, and
+    stop_reason a string, best_val_loss None without evaluations).
     Returns nothing; every sink is called. Called on the main process only.
     """
 
@@ -155,7 +160,9 @@ def generation_kwargs(tokenizer: Any) -> dict[str, Any]:
     """Keyword arguments for transformers' `model.generate` (do_sample, temperature, num_beams...).
 
     tokenizer: the model's tokenizer (for pad or eos ids).
-    Returns a dict. The first non-None result wins.
+    Returns a dict. The first non-None result wins. Samples made by a training run
+    (train.sample_prompt, train.sample_prompts) use train.sample_max_new_tokens instead of any
+    max_new_tokens given here; `python -m engine generate` uses the plugin's own.
     """
 
 
@@ -173,7 +180,8 @@ def logits_processors(tokenizer: Any) -> list[Any]:
 def on_train_start(context: "TrainContext") -> None:
     """Training is about to start: model, optimizer, data and run folder are ready.
 
-    context: the TrainContext (recipe, accelerator, model, tokenizer, output_dir, state).
+    context: the TrainContext (see "TrainContext" below); on a resume context.resumed is true and
+    context.state holds the checkpoint's counters.
     Returns nothing. Called on every process.
     """
 
@@ -183,9 +191,12 @@ def on_step_end(context: "TrainContext", metrics: dict[str, float]) -> None:
     """An optimizer step finished.
 
     context: the TrainContext; context.state.step is the step just taken.
-    metrics: loss (token-weighted over the step), lr, grad_norm, tokens seen.
+    metrics: this step's numbers: the step keys under "Metrics by phase" (loss of this step alone).
     Returns nothing. Call context.request_stop(reason) to end training after this step.
-    Called on every process.
+    Called on every process. Handing over floats makes the engine read the step's loss and gradient
+    norm back from the GPU every step (a host-device sync); a plugin that does not need them each
+    step sets the class attribute step_metrics_on_device = True, and then gets them as 0-dim device
+    tensors on the steps that neither log, evaluate nor checkpoint, and the GPU never waits for it.
     """
 
 
@@ -194,8 +205,9 @@ def on_evaluate(context: "TrainContext", metrics: dict[str, float]) -> None:
     """An evaluation finished.
 
     context: the TrainContext.
-    metrics: val_loss, perplexity, val_bpc, val_tokens.
-    Returns nothing. Called on every process.
+    metrics: the eval keys under "Metrics by phase" (a plugin may add keys for early stopping).
+    Returns nothing. Called on every process, for each evaluation during training (not for the
+    final measurement of a run stopped between evaluations, which only goes to log_metrics).
     """
 
 

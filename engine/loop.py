@@ -13,10 +13,7 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,47 +25,21 @@ from engine import autobatch
 from engine import checkpoint
 from engine import data as data_mod
 from engine import distributed
+from engine import feed
 from engine import interrupts
-from engine.evaluation import evaluate, token_loss_sum  # noqa: F401  (also imported from here)
+from engine.evaluation import evaluate
+from engine import loss as loss_mod
+from engine.loss import token_loss_sum
 from engine import model as model_mod
 from engine import chat, formats, packing, tokcache
 from engine.context import EarlyStopDecision, TrainContext, TrainState
 from engine.errors import Interrupted, RunFailed, UserError
 from engine.manager import Plugins
 from engine.recipe import Recipe
-from engine import report, tomlfile
+from engine import modelcard, quiet, report, tomlfile
+from engine import step as step_mod
+from engine.runfolder import check_output_dir, clear_run_files, mark_as_run, save_model
 from engine.samples import sample_at_evaluation
-
-RUN_FILES = ("recipe.toml", "metrics.jsonl", "metrics.json", "final", "best", "checkpoints", "samples.txt", "samples.jsonl", "curves.png")
-
-
-# ------------------------------------------------------------------ run folder
-def check_output_dir(recipe: Recipe) -> Path:
-    """Refuse to replace a finished or unfinished run unless train.overwrite or train.resume is set."""
-    out = Path(recipe.train.output_dir)
-    final_dir = recipe.train.final_dir
-    if not final_dir or Path(final_dir).name != final_dir or final_dir in (".", "..", "best", "checkpoints"):
-        raise UserError(f"train.final_dir: '{final_dir}' must be a plain folder name other than best or checkpoints (e.g. final)")
-    finished = (out / "metrics.json").exists()
-    if finished and not (recipe.train.overwrite or recipe.train.resume):
-        raise UserError(
-            f"train.output_dir: '{out}' holds a finished run (metrics.json); choose another folder, "
-            f"add train.overwrite=true to replace it, or train.resume=auto to continue it"
-        )
-    unfinished = checkpoint.unfinished_run_problem(out)
-    if unfinished and not (recipe.train.overwrite or recipe.train.resume):
-        raise UserError(unfinished)
-    return out
-
-
-def clear_run_files(out: Path, final_dir: str = "final") -> None:
-    for name in {*RUN_FILES, final_dir}:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
 
 def choose_precision(requested: str) -> str:
     """Accelerate's mixed_precision value for train.precision."""
@@ -97,11 +68,12 @@ def restore_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
 # ------------------------------------------------------------------ the run
 def train(recipe: Recipe, write_run: bool = True) -> dict[str, Any]:
     """Train from a recipe. write_run=False (python -m engine bench) writes no run folder and never evaluates."""
-    with interrupts.Watch() as signals:  # SIGTERM and Ctrl-C: checkpoint at the next step boundary, then exit
-        return _train(recipe, signals, write_run)
+    # SIGTERM and Ctrl-C: checkpoint at the next step boundary, then exit; `cleanup` stops the batch feeder
+    with interrupts.Watch() as signals, contextlib.ExitStack() as cleanup:
+        return _train(recipe, signals, cleanup, write_run)
 
 
-def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) -> dict[str, Any]:
+def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitStack, write_run: bool = True) -> dict[str, Any]:
     import transformers
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -119,10 +91,11 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
     # The process group (PartialState) stays.
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
-        mixed_precision=choose_precision(cfg.precision), dynamo_backend="inductor" if cfg.compile else "no",
+        mixed_precision=choose_precision(cfg.precision), dynamo_backend="no",  # train.compile: engine/step.py
         **distributed.accelerator_options(),
     )
     distributed.check_started(recipe.model, accelerator)
+    step_mod.check_options(cfg, accelerator.device)
     set_seed(cfg.seed)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
 
@@ -134,10 +107,11 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
     cache = tokcache.cache_root(recipe.data)
     tokenizer = model_mod.load_tokenizer(recipe.model, formats.row_texts(rows.train), cache)
     added_tokens = formats.prepare_tokenizer(plugins, tokenizer, recipe.data)  # e.g. a chat template's tokens
-    model = model_mod.load_model(recipe.model, tokenizer)
+    model = model_mod.load_model(recipe.model, tokenizer, accelerator.mixed_precision)
     added_ids = chat.fit_model(model, tokenizer, added_tokens)
     if recipe.model.fused_activations:
         model_mod.use_fused_activations(model)
+    model_mod.skip_padding_check(model)  # it reads the batch back from the GPU on every forward
     limit = model_mod.context_length(model)
     if limit is not None and recipe.data.max_length > limit:
         raise UserError(f"data.max_length: {recipe.data.max_length} is longer than the model's context ({limit}); set it to {limit} or less")
@@ -147,7 +121,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
             raise UserError("lora.enabled: a model built from model.config starts from random weights; train it fully with lora.enabled = false")
         model = model_mod.apply_lora(model, recipe.lora, trainable_tokens=added_ids)
     if cfg.gradient_checkpointing:
-        model_mod.enable_gradient_checkpointing(model)
+        model_mod.enable_gradient_checkpointing(model, cfg.checkpoint_every)
     trainable, total = model_mod.parameter_counts(model)
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -160,7 +134,9 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
             f"lower train.batch_size or data.max_length, or add data"
         )
     total_steps = cfg.max_steps if cfg.max_steps > 0 else per_epoch * cfg.epochs
-    identity = checkpoint.identity(cfg, world, train_blocks, total_steps)
+    identity = checkpoint.identity(recipe, world, train_blocks, total_steps)
+    if note := advice.too_many_steps(total_steps, per_epoch, len(train_blocks), cfg.max_steps):
+        log(note)
 
     # 3. optimizer, scheduler, Accelerate
     optimizer = plugins.hook.create_optimizer(
@@ -170,16 +146,20 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     batch_size, accumulation = cfg.batch_size, cfg.gradient_accumulation_steps
+    half = accelerator.mixed_precision in ("fp16", "bf16")
+
+    def loss_way(micro: int) -> tuple[str, str]:  # train.chunked_loss: fused, plain or chunked, and why
+        return loss_mod.choose(cfg.chunked_loss, model, accelerator.device, micro, recipe.data.max_length, half)
+
     if cfg.auto_batch_size:  # same global batch: a larger micro-batch with less accumulation, or the reverse
         batch_size, accumulation = autobatch.choose(
-            model, lambda m, b: token_loss_sum(m, b, cfg.chunked_loss), accelerator, batch_size, accumulation,
+            model, lambda m, b: token_loss_sum(m, b, loss_way(b["input_ids"].shape[0])[0]), accelerator, batch_size, accumulation,
             recipe.data.max_length, len(tokenizer), log,
         )
-    checkpoint.register(accelerator, scheduler)
-    restored = None
-    if resume_from is not None:
-        names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-        restored = checkpoint.load(resume_from, accelerator, identity, names)
+    loss_name, why = loss_way(batch_size)
+    log(f"loss: {why}")
+    parts = checkpoint.register(accelerator, model, optimizer, scheduler)
+    restored = checkpoint.load(resume_from, parts, identity) if resume_from is not None else None
 
     if accelerator.is_main_process and write_run:
         if recipe.train.overwrite or (cfg.resume and restored is None):
@@ -187,7 +167,9 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
         if restored is not None:
             checkpoint.rewind_run_folder(out, restored)
         out.mkdir(parents=True, exist_ok=True)
+        mark_as_run(out)
         (out / "recipe.toml").write_text(tomlfile.dumps(recipe.resolved()), encoding="utf-8")
+        quiet.keep_in(out / quiet.LOG_FILE, append=restored is not None)  # library noise kept off the screen
     accelerator.wait_for_everyone()
 
     context = TrainContext(recipe, accelerator, model, tokenizer, optimizer, scheduler, out, total_steps, TrainState())
@@ -198,10 +180,11 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
     last_eval: dict[str, float] = {}
     train_seconds, window_tokens, window_start = 0.0, 0, time.perf_counter()
     loss_window: list[float] = []
-    loss, last_checkpoint = float("nan"), None
+    loss, grad_norm, last_checkpoint = float("nan"), 0.0, None
     if restored is not None:
         restore_trainable(accelerator.unwrap_model(model), restored.weights)
         state.__dict__.update(restored.state)
+        context.resumed, context.resumed_from_step = True, state.step
         best_weights, progress = restored.best_weights, restored.progress
         loss_window, window_tokens, loss = progress["loss_window"], progress["window_tokens"], progress["last_loss"]
         last_eval, train_seconds, last_checkpoint = progress["last_eval"], progress["train_seconds"], restored.path
@@ -217,11 +200,14 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
 
     early_stopping = bool(plugins.of_kind("early_stopping"))
     loss_watch = advice.LossWatch(total_steps)
+    if restored is not None:
+        loss_watch.load_state(restored.progress.get("loss_watch"))
 
     def run_evaluation() -> bool:
         """Evaluate, track the best model; returns True when training should stop."""
         nonlocal best_weights, last_eval
-        metrics = evaluate(model, accelerator, val_blocks, batch_size, tokenizer.pad_token_id, val_chars, cfg.chunked_loss)
+        settle()
+        metrics = evaluate(model, accelerator, val_blocks, batch_size, tokenizer.pad_token_id, val_chars, loss_name)
         metrics["epoch"] = state.epoch
         metrics["step"] = state.step
         metrics["tokens_seen"] = state.tokens_seen
@@ -243,90 +229,99 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
         return decision.stop
 
     def save_checkpoint() -> Path:
-        progress = {"loss_window": loss_window, "window_tokens": window_tokens, "last_loss": loss, "last_eval": last_eval, "train_seconds": train_seconds}
+        settle()
+        progress = {"loss_window": loss_window, "window_tokens": window_tokens, "last_loss": loss, "last_eval": last_eval, "train_seconds": train_seconds,
+                    "loss_watch": loss_watch.state()}
         return checkpoint.write(
-            out, accelerator, state, lambda: trainable_state(accelerator.unwrap_model(model)), best_weights,
+            out, parts, state, lambda: trainable_state(accelerator.unwrap_model(model)), best_weights,
             plugins.states(), progress, identity, cfg.keep_checkpoints,
         )
 
+    def nan_message(bad_step: int, bad_loss: float, bad_norm: float | None) -> str:
+        kept = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
+        return (f"training loss is {bad_loss} (gradient norm {bad_norm if bad_norm is not None else 'not computed'}) at step {bad_step}; "
+                f"the weights were not updated from then on{kept}. Lower train.learning_rate, check the data, or set train.on_nan=\"skip\"")
+
     # 4. the loop
     pad_id = tokenizer.pad_token_id
+    step = step_mod.OptimizerStep(model, optimizer, scheduler, accelerator, lambda m, b: token_loss_sum(m, b, loss_name)[0],
+                                  cfg.max_grad_norm, cfg.on_nan, cfg.compile, cfg.cuda_graphs)
+    unread = step_mod.Unread()
+    # on_step_end gets floats: read every step when a plugin implements it, unless it asked for device tensors
+    floats_each_step = any(not getattr(impl.plugin, "step_metrics_on_device", False) for impl in plugins.hook.on_step_end.get_hookimpls())
+
+    def settle() -> None:
+        """Read the device metrics of the steps since the last read (one sync): losses, skipped steps, train.on_nan."""
+        nonlocal loss, grad_norm
+        for record in unread.read():
+            if not record.finite and cfg.on_nan == "stop":
+                raise RunFailed(nan_message(record.step, record.loss, record.grad_norm))
+            if record.finite:
+                loss_window.append(record.loss)
+            else:
+                state.skipped_steps += 1  # train.on_nan = "skip": no update; counted in the logs and metrics.json
+            loss, grad_norm = record.loss, record.grad_norm if record.grad_norm is not None else 0.0
+            note = loss_watch.update(record.step, record.loss, record.lr, cfg.learning_rate)
+            if note:
+                log(note)
+
+    feeder = cleanup.enter_context(feed.Feeder(
+        train_blocks, cfg.seed, per_epoch, total_steps, batch_size, accumulation, rank, world, pad_id,
+        pin=accelerator.device.type == "cuda", fixed_width=recipe.data.max_length if cfg.compile else None))
+    feeder.start(state.step, state.epoch, state.step_in_epoch)
+    first_step = state.step
     stop = False
     signals.arm()
     while state.step < total_steps and not stop:
         if state.step_in_epoch >= per_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        micro = data_mod.step_batches(
-            len(train_blocks), cfg.seed, state.epoch, state.step_in_epoch,
-            batch_size, accumulation, rank, world,
-        )
-        batches = [{k: v.to(accelerator.device) for k, v in data_mod.collate([train_blocks[i] for i in ids], pad_id).items()} for ids in micro]
-        local_tokens = sum(int((b["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum()) for b in batches)
-        step_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum").item())
-        step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        ready = feeder.get(state.epoch, state.step_in_epoch)  # collated ahead on the host; tokens counted there
+        batches, step_tokens = feed.to_device(ready.batches, accelerator.device), ready.tokens
         t0 = time.perf_counter()
-        for i, batch in enumerate(batches):
-            sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
-            with sync:
-                with accelerator.autocast():
-                    loss_sum, _ = token_loss_sum(model, batch, cfg.chunked_loss)
-                # DDP averages gradients over processes; scaling by world / tokens makes the result the
-                # gradient of the token-weighted mean over every micro-batch of every process.
-                accelerator.backward(loss_sum * world / step_tokens)
-            step_loss += loss_sum.detach().double()
-        loss = accelerator.reduce(step_loss, "sum").item() / step_tokens
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        finite = math.isfinite(loss) and (grad_norm is None or accelerator.scaler is not None or math.isfinite(float(grad_norm)))
-        if not finite and cfg.on_nan == "stop":
-            kept = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
-            raise RunFailed(
-                f"training loss is {loss} (gradient norm {float(grad_norm) if grad_norm is not None else 'not computed'}) at step {state.step + 1}; "
-                f"the weights were not updated{kept}. Lower train.learning_rate, check the data, or set train.on_nan=\"skip\""
-            )
-        if finite:
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-        else:
-            state.skipped_steps += 1  # train.on_nan = "skip": no update; counted in the logs and metrics.json
-        optimizer.zero_grad(set_to_none=True)
-        train_seconds += time.perf_counter() - t0
+        try:
+            done = step(batches, step_tokens)  # metrics stay on the device until settle() reads them
+        except step_mod.NonFiniteStep as bad:  # an optimizer that cannot skip by itself checks every step
+            raise RunFailed(nan_message(state.step + 1, bad.loss, bad.grad_norm)) from None
         state.step += 1
         state.step_in_epoch += 1
         state.tokens_seen += step_tokens
         window_tokens += step_tokens
-        if finite:
-            loss_window.append(loss)
-        metrics = {
-            "loss": loss,
+        unread.add(state.step, done, scheduler.get_last_lr()[0])
+        epoch_end = state.step_in_epoch >= per_epoch
+        log_due = state.step % cfg.log_every_steps == 0 or state.step == total_steps
+        eval_due = write_run and (epoch_end or (cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0) or state.step == total_steps)
+        save_due = write_run and (epoch_end or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0))
+        if log_due or eval_due or save_due or floats_each_step:
+            settle()
+        train_seconds += time.perf_counter() - t0
+        if cfg.compile and state.step == first_step + 1:
+            log(f"train.compile: the first step took {time.perf_counter() - t0:.1f} s (compiling the step; later steps reuse it)")
+        metrics = {  # on steps that read nothing, loss and grad_norm are 0-dim device tensors
+            "loss": done.loss if unread.items else loss,
             "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+            "grad_norm": (done.grad_norm if done.grad_norm is not None else 0.0) if unread.items else grad_norm,
             "tokens_seen": state.tokens_seen,
             "epoch": state.epoch + state.step_in_epoch / per_epoch,
             "skipped_steps": state.skipped_steps,
         }
-        note = loss_watch.update(state.step, loss, metrics["lr"], cfg.learning_rate)
-        if note:
-            log(note)
-        if state.step % cfg.log_every_steps == 0 or state.step == total_steps:
+        if log_due:
             now = time.perf_counter()
-            metrics["loss"] = sum(loss_window) / len(loss_window) if loss_window else float("nan")
-            metrics["tokens_per_second"] = window_tokens / max(1e-9, now - window_start)
-            emit(metrics, "train")
+            emit({**metrics, "loss": sum(loss_window) / len(loss_window) if loss_window else float("nan"),
+                  "tokens_per_second": window_tokens / max(1e-9, now - window_start)}, "train")  # on_step_end keeps the step's loss
             loss_window, window_tokens, window_start = [], 0, now
         plugins.hook.on_step_end(context=context, metrics=metrics)
-        epoch_end = state.step_in_epoch >= per_epoch
-        due = cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0
-        if write_run and (epoch_end or due or state.step == total_steps):
+        if eval_due:
             stop = run_evaluation() or stop
         if distributed.agree_stop(accelerator, context):  # any process asked: all stop after this step
             stop = True
         signum = signals.pending(accelerator)
-        if write_run and (epoch_end or (cfg.save_every_steps and state.step % cfg.save_every_steps == 0) or signum):
+        if save_due or (write_run and signum):
             last_checkpoint = save_checkpoint()
         if signum:
             saved = f"; checkpoint {last_checkpoint} written. Continue with train.resume=auto" if write_run else ""
             raise Interrupted(f"stopped by {interrupts.name(signum)} after step {state.step}{saved}", signum)
+
+    settle()
 
     # 5. the run folder
     unwrapped = accelerator.unwrap_model(model)
@@ -336,7 +331,8 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
                 "gradient_accumulation_steps": accumulation, "train_seconds": train_seconds, "trainable_params": trainable,
                 "total_params": total, "device": str(accelerator.device), "precision": accelerator.mixed_precision}
     if last_eval.get("step") != state.step:  # stopped between evaluations: measure the final weights
-        last_eval = evaluate(model, accelerator, val_blocks, batch_size, pad_id, val_chars, cfg.chunked_loss)
+        last_eval = evaluate(model, accelerator, val_blocks, batch_size, pad_id, val_chars, loss_name)
+        last_eval.update(epoch=state.epoch, step=state.step, tokens_seen=state.tokens_seen)  # the keys of every evaluation
         emit(last_eval, "eval")
     accelerator.wait_for_everyone()
     save_model(unwrapped, tokenizer, out / cfg.final_dir, accelerator, model)
@@ -365,6 +361,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
     emit(summary, "summary")
     if accelerator.is_main_process:
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        modelcard.write_run_cards(recipe, summary, out, {"train_documents": len(rows.train), "val_documents": len(rows.val), "val_characters": val_chars})
     plugins.hook.on_train_end(context=context, summary=summary)
     if cfg.sample_prompt and not distributed.can_generate_alone(accelerator):
         log(f"\nno sample: the weights are sharded (FSDP); run python -m engine generate {out} --prompt ...")
@@ -377,20 +374,3 @@ def _train(recipe: Recipe, signals: interrupts.Watch, write_run: bool = True) ->
     accelerator.end_training()
     return summary
 
-
-def save_model(model: Any, tokenizer: Any, folder: Path, accelerator: Any, wrapped: Any) -> None:
-    """save_pretrained (safetensors) of the model or LoRA adapter, plus the tokenizer, by the main process.
-
-    Called on every process: under FSDP the full weights are gathered from all of them first.
-    """
-    state_dict = distributed.full_state_dict(accelerator, wrapped)
-    if not accelerator.is_main_process:
-        return
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
-    tokenizer.save_pretrained(str(tmp))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)

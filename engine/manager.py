@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import pluggy
 
@@ -85,6 +85,11 @@ _inline: dict[str, PluginInfo] = {}
 def register_inline(kind: str, name: str, cls: type, package: str = "(inline)") -> PluginInfo:
     if kind not in KINDS:
         raise ValueError(f"unknown plugin kind {kind!r}; kinds: {', '.join(KINDS)}")
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name.partition(".")[2] == name:  # an inline plugin must never silently replace an installed one
+            owner = ep.dist.metadata["Name"] if getattr(ep, "dist", None) is not None else "an installed package"
+            raise ValueError(f"plugin name {name!r} is taken by the installed plugin {ep.name} from {owner}; "
+                             f"give the inline plugin another name")
     info = PluginInfo(kind, name, f"{cls.__module__}:{cls.__qualname__}", package, "", cls=cls)
     _inline[name] = info
     return info
@@ -173,6 +178,8 @@ class Plugins:
             where = f"plugin '{sel.name}' from package {sel.info.package}"
             try:
                 sel.instance = cls(sel.options) if getattr(cls, "Options", None) is not None else cls()
+            except UserError as exc:  # the plugin says what the user should do (a missing extra)
+                raise UserError(*(f"{where}: {line}" for line in exc.lines)) from None
             except Exception as exc:  # somebody else's constructor
                 raise UserError(f"{where} failed to start: {type(exc).__name__}: {exc}") from None
             try:
@@ -237,13 +244,17 @@ class Plugins:
 
 
 def select(
-    slots: dict[str, Any], tables: dict[str, Any], origin_of: Any
+    slots: dict[str, Any], tables: dict[str, Any], origin_of: Any, inherited: Collection[str] = ()
 ) -> tuple[list[Selected], list[str]]:
     """Resolve the recipe's slot keys to installed plugins and validate each one's option table.
 
     slots: slot key -> plugin name or list of names (already type-checked).
     tables: plugin name -> its option table from the recipe (may be missing).
     origin_of: callable giving the file a dotted key came from.
+    inherited: names of tables that come only from a recipe this one extends: when their plugin is
+    not selected they are dropped silently (a recipe may pick another scheduler than its parent's).
+    A table of an unselected plugin is otherwise an error, unless the slot of its kind already has
+    one (an unknown plugin name: the first cause is the one reported).
     Returns (selected plugins in slot order, errors).
     """
     from engine import schema
@@ -252,6 +263,7 @@ def select(
     errors: list[str] = []
     chosen: list[Selected] = []
     seen: set[str] = set()
+    failed_kinds: set[str] = set()  # a slot naming an unknown plugin: its kind's tables say nothing more
     for kind_name, kind in KINDS.items():
         value = slots.get(kind.slot, kind.default)
         names = value if kind.many else ([value] if value else [])
@@ -259,9 +271,11 @@ def select(
             key = f"{kind.slot}[{i}]" if kind.many else kind.slot
             info = available.get(name)
             if name in problems:
+                failed_kinds.add(kind_name)
                 errors.append(f"{origin_of(kind.slot)}: {key}: {problems[name]}")
                 continue
             if info is None or info.kind != kind_name:
+                failed_kinds.add(kind_name)
                 valid = sorted(n for n, p in available.items() if p.kind == kind_name)
                 hint = schema.did_you_mean(name, valid)
                 what = f"'{name}' is a {info.kind} plugin, not a {kind_name}" if info else f"unknown plugin '{name}'"
@@ -292,6 +306,10 @@ def select(
             if not dataclasses.is_dataclass(options_schema):
                 errors.append(f"{origin_of(kind.slot)}: {key}: plugin '{name}' from package {info.package}: its Options is not a dataclass; decorate it with @dataclass")
                 continue
+            schema_errors = schema.schema_problems(options_schema)
+            if schema_errors:
+                errors.extend(f"{origin_of(kind.slot)}: {key}: plugin '{name}' from package {info.package}: {p}" for p in schema_errors)
+                continue
             options, option_errors = schema.validate(table, options_schema, f"{name}.", origin_of(name))
             if info.package != BUILTIN_PACKAGE:
                 option_errors = [f"{e} (an option of plugin '{name}' from package {info.package})" for e in option_errors]
@@ -301,7 +319,7 @@ def select(
         if name in seen:
             continue
         info = available.get(name)
-        if info is not None:
+        if info is not None and info.kind not in failed_kinds and name not in inherited:
             errors.append(
                 f"{origin_of(name)}: {name}: options for plugin '{name}', which this recipe does not select "
                 f"(add it to {KINDS[info.kind].slot} or remove the table)"
@@ -310,4 +328,7 @@ def select(
 
 
 def resolved_options(sel: Selected) -> dict[str, Any]:
-    return dataclasses.asdict(sel.options) if sel.options is not None else {}
+    """The plugin's options as run; an optional option that is not set (None) is left out (TOML has no null)."""
+    if sel.options is None:
+        return {}
+    return {k: v for k, v in dataclasses.asdict(sel.options).items() if v is not None}

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 from engine import schema, tomlfile
 from engine.errors import UserError
@@ -29,6 +29,9 @@ class ModelSection:
     attention: Literal["sdpa", "eager"] = opt("sdpa", "attention implementation")
     device_map: Literal["", "auto"] = opt("", "\"auto\": one process spreads a model.base too large for one GPU over every GPU it sees (from_pretrained's device_map); not with several processes")
     fused_activations: bool = opt(True, "run tanh-approximate GELUs written out in Python (transformers' gelu_new, gelu_fast: GPT-2 and others) as PyTorch's one fused kernel; the same function up to float rounding, fewer and faster kernels")
+    quantization: Literal["none", "4bit", "8bit"] = opt("none", "load model.base with its linear layers quantized by bitsandbytes and frozen; \"4bit\" with a LoRA adapter is QLoRA. Needs lora.enabled = true; the compute dtype follows train.precision")
+    quant_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type (model.quantization = \"4bit\"): nf4 (NormalFloat, QLoRA's) or fp4")
+    double_quant: bool = opt(True, "also quantize the 4-bit blocks' scales (model.quantization = \"4bit\"): about 0.37 bits per weight saved")
     pad_vocab_multiple: int = opt(64, "round the vocabulary of a model built from model.config up to a multiple of this (faster matmuls; padded ids are never targets and never generated); 1: off", min=1)
 
 
@@ -66,8 +69,10 @@ class TrainSection:
     seed: int = opt(42, "seed for weights, data order, dropout and augmentation", min=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "auto: bf16 where supported, fp16 on other GPUs, fp32 on CPU")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
-    chunked_loss: bool = opt(True, "cross-entropy from the final hidden states in chunks of tokens, so full fp32 logits are never held (exact; off: plain logits)")
-    compile: bool = opt(False, "torch.compile the model (compiling takes a while; pays off on long GPU runs)")
+    checkpoint_every: int = opt(1, "with gradient_checkpointing: recompute the activations of every k-th transformer block only (1: all; 2: every other one): less recomputation, less memory saved", min=1)
+    chunked_loss: Literal["auto", "fused", "plain", "chunked"] = opt("auto", "how the cross-entropy is computed: fused (liger-kernel's fused linear cross-entropy, CUDA, pip install 'tunesmith[gpu]'), plain (full logits: fast, most memory), chunked (logits in chunks, recomputed in backward: least memory, slower); auto: fused where it can, else plain when the logits take at most a quarter of the device's memory, else chunked; reported at start")
+    compile: bool = opt(False, "torch.compile the model's forward and the loss as one graph, with batches padded to data.max_length so it compiles once (the first step takes a while: reported; pays off on long GPU runs)")
+    cuda_graphs: bool = opt(False, "with compile: also record the compiled step as CUDA graphs (torch.compile mode \"reduce-overhead\"; fewer kernel launches, for small batches); CUDA only")
     auto_batch_size: bool = opt(False, "on GPU, use the largest micro-batch that fits (probed) and keep the global batch by lowering accumulation; on CPU the recipe's batch is kept")
     eval_every_steps: int = opt(0, "evaluate every N optimizer steps as well as at each epoch end (0: epoch ends only)", min=0)
     log_every_steps: int = opt(10, "send training metrics to the sinks every N optimizer steps", min=1)
@@ -79,7 +84,7 @@ class TrainSection:
     final_dir: str = opt("final", "folder inside output_dir for the final model (the Python API names it final_model)")
     sample_prompt: str = opt("", "after training, generate from this prompt and print it (empty: no sample)")
     sample_prompts: list[str] = opt([], "at each evaluation, generate from each of these prompts: appended to samples.jsonl in the run folder and sent to the sinks")
-    sample_max_new_tokens: int = opt(60, "tokens to generate for each sample (sample_prompt and sample_prompts)", min=1)
+    sample_max_new_tokens: int = opt(60, "tokens to generate for each sample (sample_prompt and sample_prompts); wins over the decoding plugin's max_new_tokens", min=1)
 
 
 @dataclass
@@ -88,7 +93,12 @@ class LoraSection:
     r: int = opt(16, "LoRA rank", min=1)
     alpha: int = opt(32, "LoRA alpha (scale = alpha / r)", min=1)
     dropout: float = opt(0.1, "dropout on the LoRA path", min=0.0, lt=1.0)
-    target_modules: list[str] = opt([], "module names to adapt; empty: peft's default for the architecture (c_attn for GPT-2)")
+    target_modules: Union[list[str], Literal["all-linear"]] = opt([], "module names to adapt, or \"all-linear\" (every linear layer but the output head); empty: peft's default for the architecture (c_attn for GPT-2)")
+    use_dora: bool = opt(False, "DoRA: a trained magnitude per output feature besides the low-rank direction update (peft use_dora)")
+    use_rslora: bool = opt(False, "rank-stabilized LoRA: scale the update by alpha / sqrt(r) instead of alpha / r")
+    modules_to_save: list[str] = opt([], "modules trained fully and saved with the adapter (e.g. [\"wte\", \"lm_head\"] after adding tokens); not quantized layers")
+    init: Literal["default", "gaussian", "orthogonal"] = opt("default", "adapter initialization (peft init_lora_weights): default (B = 0), gaussian, or orthogonal (needs an even r). pissa, olora and loftq rewrite the base weights and eva, corda need data passes: not offered")
+    bias: Literal["none", "all", "lora_only"] = opt("none", "train biases as well: none, all of them, or those of the adapted layers (peft bias)")
 
 
 SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "train": TrainSection, "lora": LoraSection}
@@ -129,6 +139,10 @@ def _read(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: recipe file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a recipe file; give the path of a .toml file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: recipe is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
@@ -176,6 +190,8 @@ def load_file(path: Path, origins: dict[str, str], chain: tuple[Path, ...] = ())
     parent_path = (real.parent / parent)
     if not parent_path.exists():
         raise UserError(f"{path}: extends: no recipe at {parent_path}")
+    if parent_path.is_dir():
+        raise UserError(f"{path}: extends: {parent_path} is a folder, not a recipe file")
     base = load_file(parent_path, origins, (*chain, real))
     return _merge(base, data, origins, str(path))
 
@@ -199,6 +215,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], origins: dict[str, str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides. A table value (`train={epochs=2}`) is merged into the recipe's table,
+    as `extends` merges, so the keys it does not name keep their values."""
     for text in overrides:
         parts, value = parse_override(text)
         node = data
@@ -206,8 +224,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], origins: dict[st
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[parts[-1]] = value
-        _mark(origins, ".".join(parts), value, "command line")
+        last, dotted = parts[-1], ".".join(parts)
+        if isinstance(value, dict) and isinstance(node.get(last), dict) and last != "config":
+            node[last] = _merge(node[last], value, origins, "command line", f"{dotted}.")
+        else:
+            node[last] = value
+            _mark(origins, dotted, value, "command line")
     return data
 
 
@@ -223,7 +245,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 def from_dict(
     data: dict[str, Any], origin: str, origins: dict[str, str] | None = None, base_dir: Path | None = None
 ) -> Recipe:
-    origins = origins or {}
+    origins = dict(origins or {})
 
     def origin_of(dotted: str) -> str:
         return origins.get(dotted, origin)
@@ -255,18 +277,37 @@ def from_dict(
 
     installed, _ = discover()
     known_top = [*SECTIONS, *SLOT_TYPES, "extends"]
+    named = {n for v in slots.values() for n in (v if isinstance(v, list) else [v])}
     for key, value in list(plugin_tables.items()):
-        if key not in installed:
+        if key not in installed and key in named:
+            del plugin_tables[key]  # the slot's "unknown plugin" error says it all
+        elif key not in installed:
             errors.append(f"{origin_of(key)}: {key}: unknown key{schema.did_you_mean(key, [*known_top, *installed])}")
             del plugin_tables[key]
         elif not isinstance(value, dict):
             errors.append(f"{origin_of(key)}: {key}: expected a table of options for plugin '{key}', got {value!r}")
             del plugin_tables[key]
 
+    # A table only a recipe this one extends has (no key of it set here or on the command line).
+    own = {origin, "command line"}
+    inherited = {
+        name for name in plugin_tables
+        if not any(where in own for key, where in origins.items() if key == name or key.startswith(name + "."))
+        and name in origins
+    }
+    for name in set(plugin_tables) - inherited:  # an inherited table changed here: errors about it point here
+        if origins.get(name, origin) not in own:
+            origins[name] = next(where for key, where in origins.items() if key.startswith(name + ".") and where in own)
+    if sections["model"] is not None:
+        _absolute_local_folders(sections["model"])
     selected, plugin_errors = select(
-        {s: v for s, v in slots.items()}, plugin_tables, origin_of
+        {s: v for s, v in slots.items()}, plugin_tables, origin_of, inherited
     )
     errors.extend(_reattribute(e, None, origins) for e in plugin_errors)
+    if sections["model"] is not None and sections["lora"] is not None:
+        from engine import quant
+
+        errors.extend(quant.problems(sections["model"], sections["lora"], origin_of))
     if errors:
         raise UserError(*errors)
     return Recipe(origin, sections["model"], sections["data"], sections["train"], sections["lora"], selected, base_dir or Path.cwd())
@@ -286,6 +327,15 @@ def section_slots(data: dict[str, Any]) -> dict[str, Any]:
 def data_section(table: dict[str, Any]) -> dict[str, Any]:
     """A [data] table without its plugin slot (data.format), for validating it against DataSection alone."""
     return {k: v for k, v in table.items() if f"data.{k}" not in SLOT_TYPES}
+
+
+def _absolute_local_folders(model: ModelSection) -> None:
+    """model.base and model.tokenizer that name a local folder (relative to the folder you run from) become
+    absolute, so the recipe.toml of the run, and the adapter's base_model_name_or_path, work from anywhere."""
+    for key in ("base", "tokenizer"):
+        value = getattr(model, key)
+        if value and not Path(value).is_absolute() and Path(value).is_dir():
+            setattr(model, key, str(Path(value).resolve()))
 
 
 def _reattribute(error: str, default_origin: str | None, origins: dict[str, str]) -> str:

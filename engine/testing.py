@@ -1,7 +1,7 @@
 """Helpers for testing plugins: register a plugin class for the duration of a test, write a tiny
 text corpus, run a tiny recipe on CPU in seconds, in this process or in several processes.
 
-    from engine.testing import inline_plugin, launch, run_recipe, tiny_recipe, write_recipe
+    from engine import inline_plugin, launch, run_recipe, tiny_recipe, write_recipe
 
     def test_my_sink(tmp_path):
         with inline_plugin("sink", "mysink", MySink):

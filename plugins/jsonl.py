@@ -13,7 +13,7 @@ class JsonLines:
 
     @dataclass
     class Options:
-        filename: str = opt("metrics.jsonl", "file name inside the run folder")
+        filename: str = opt("metrics.jsonl", "file name inside the run folder", run_file=True)
 
     def __init__(self, options: Options):
         self.options = options
@@ -22,7 +22,7 @@ class JsonLines:
     @hookimpl
     def on_train_start(self, context):
         if context.is_main_process:
-            self.path = Path(context.output_dir) / self.options.filename
+            self.path = context.run_file(self.options.filename)
 
     @hookimpl
     def log_metrics(self, metrics, step, phase):

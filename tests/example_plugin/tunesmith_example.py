@@ -2,10 +2,8 @@
 
 import csv
 from dataclasses import dataclass
-from pathlib import Path
 
-from engine import hookimpl
-from engine.schema import opt
+from engine import hookimpl, opt
 
 
 class MaskWords:
@@ -26,11 +24,11 @@ class MaskWords:
 
 
 class CsvMetrics:
-    """Writes training logs and evaluations to a CSV file in the run folder."""
+    """Writes training logs and evaluations to a CSV file in the run folder; a resumed run appends to it."""
 
     @dataclass
     class Options:
-        filename: str = opt("metrics.csv", "file name inside the run folder")
+        filename: str = opt("metrics.csv", "file name inside the run folder", run_file=True)
         columns: list[str] = opt(["loss", "lr", "val_loss"], "metrics to write, one column each")
 
     def __init__(self, options):
@@ -40,7 +38,9 @@ class CsvMetrics:
     @hookimpl
     def on_train_start(self, context):
         if context.is_main_process:  # sinks are called on the main process only; only it writes
-            self.path = Path(context.output_dir) / self.options.filename
+            self.path = context.run_file(self.options.filename)  # inside the run folder, or a UserError
+            if context.resumed and self.path.exists():
+                return  # keep the rows so far (the engine cut the file back to the checkpoint's step)
             with self.path.open("w", newline="") as f:
                 csv.writer(f).writerow(["phase", "step", *self.options.columns])
 
