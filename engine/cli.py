@@ -6,7 +6,7 @@
     python -m engine plugins [NAME]                    list installed plugins, or one plugin's options
     python -m engine generate RUN_DIR --prompt TEXT [key=value ...]
     python -m engine eval RUN_DIR|MODEL_DIR --data PATH [--json]   loss, perplexity, bits/char of a text
-    python -m engine merge RUN_DIR OUT_DIR                    LoRA adapter + base -> standalone model
+    python -m engine merge RUN_DIR OUT_DIR [--dtype D]        LoRA adapter + base -> standalone model
     python -m engine runs DIR... [--plot FILE.png]            finished runs side by side
     python -m engine bench RECIPE [key=value ...] [--steps N] [--json PATH]
     python -m engine push RUN_DIR|MODEL_DIR --repo-id USER/NAME [--private] [--dry-run]
@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge a run's LoRA adapter into its base model and save a standalone model")
     m.add_argument("run_dir", help="a LoRA run folder (uses final/), or an adapter folder")
     m.add_argument("out_dir", help="a new or empty folder for the merged model")
+    m.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="dtype of the merged weights (a quantized base is dequantized to it; default fp32)")
     r = sub.add_parser("runs", help="compare finished runs: key metrics and the recipe keys that differ")
     r.add_argument("run_dirs", nargs="+", metavar="DIR", help="run folders (each with metrics.json)")
     r.add_argument("--plot", metavar="FILE.png", help="also draw their validation loss curves into this PNG file")
@@ -288,7 +289,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from engine import merge
 
-    adapter = merge.merge(args.run_dir, args.out_dir)
+    adapter = merge.merge(args.run_dir, args.out_dir, args.dtype)
     print(f"merged {adapter} into its base model: {args.out_dir} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
 

@@ -21,7 +21,7 @@ from engine.loss import token_loss_sum
 
 @torch.no_grad()
 def evaluate(
-    model: Any, accelerator: Any, blocks: list[torch.Tensor], batch_size: int, pad_id: int, n_chars: int, chunked: bool = True
+    model: Any, accelerator: Any, blocks: list[torch.Tensor], batch_size: int, pad_id: int, n_chars: int, chunked: bool | str = True
 ) -> dict[str, float]:
     """Mean token loss, perplexity and bits per character; each block counted once.
 
@@ -87,7 +87,9 @@ def evaluate_text(model_path: str, data: str, max_length: int = 0, batch_size: i
     with warnings.catch_warnings():  # libraries' deprecation notices about each other are not the user's business
         warnings.simplefilter("ignore", FutureWarning)
         model, tokenizer, kind = from_checkpoint.load_any(folder)
-    if torch.cuda.is_available():
+    from engine import quant
+
+    if torch.cuda.is_available() and not quant.is_quantized(model):  # a quantized base was loaded onto its device
         model.to("cuda")
     limit = model_mod.context_length(model)
     length = max_length or (data_cfg.max_length if run else min(limit or 1024, 1024))

@@ -84,6 +84,11 @@ _inline: dict[str, PluginInfo] = {}
 def register_inline(kind: str, name: str, cls: type, package: str = "(inline)") -> PluginInfo:
     if kind not in KINDS:
         raise ValueError(f"unknown plugin kind {kind!r}; kinds: {', '.join(KINDS)}")
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name.partition(".")[2] == name:  # an inline plugin must never silently replace an installed one
+            owner = ep.dist.metadata["Name"] if getattr(ep, "dist", None) is not None else "an installed package"
+            raise ValueError(f"plugin name {name!r} is taken by the installed plugin {ep.name} from {owner}; "
+                             f"give the inline plugin another name")
     info = PluginInfo(kind, name, f"{cls.__module__}:{cls.__qualname__}", package, "", cls=cls)
     _inline[name] = info
     return info

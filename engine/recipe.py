@@ -11,7 +11,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 from engine import schema, tomlfile
 from engine.errors import UserError
@@ -29,6 +29,9 @@ class ModelSection:
     attention: Literal["sdpa", "eager"] = opt("sdpa", "attention implementation")
     device_map: Literal["", "auto"] = opt("", "\"auto\": one process spreads a model.base too large for one GPU over every GPU it sees (from_pretrained's device_map); not with several processes")
     fused_activations: bool = opt(True, "run tanh-approximate GELUs written out in Python (transformers' gelu_new, gelu_fast: GPT-2 and others) as PyTorch's one fused kernel; the same function up to float rounding, fewer and faster kernels")
+    quantization: Literal["none", "4bit", "8bit"] = opt("none", "load model.base with its linear layers quantized by bitsandbytes and frozen; \"4bit\" with a LoRA adapter is QLoRA. Needs lora.enabled = true; the compute dtype follows train.precision")
+    quant_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type (model.quantization = \"4bit\"): nf4 (NormalFloat, QLoRA's) or fp4")
+    double_quant: bool = opt(True, "also quantize the 4-bit blocks' scales (model.quantization = \"4bit\"): about 0.37 bits per weight saved")
     pad_vocab_multiple: int = opt(64, "round the vocabulary of a model built from model.config up to a multiple of this (faster matmuls; padded ids are never targets and never generated); 1: off", min=1)
 
 
@@ -60,8 +63,10 @@ class TrainSection:
     seed: int = opt(42, "seed for weights, data order, dropout and augmentation", min=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "auto: bf16 where supported, fp16 on other GPUs, fp32 on CPU")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
-    chunked_loss: bool = opt(True, "cross-entropy from the final hidden states in chunks of tokens, so full fp32 logits are never held (exact; off: plain logits)")
-    compile: bool = opt(False, "torch.compile the model (compiling takes a while; pays off on long GPU runs)")
+    checkpoint_every: int = opt(1, "with gradient_checkpointing: recompute the activations of every k-th transformer block only (1: all; 2: every other one): less recomputation, less memory saved", min=1)
+    chunked_loss: Literal["auto", "fused", "plain", "chunked"] = opt("auto", "how the cross-entropy is computed: fused (liger-kernel's fused linear cross-entropy, CUDA, pip install 'tunesmith[gpu]'), plain (full logits: fast, most memory), chunked (logits in chunks, recomputed in backward: least memory, slower); auto: fused where it can, else plain when the logits take at most a quarter of the device's memory, else chunked; reported at start")
+    compile: bool = opt(False, "torch.compile the model's forward and the loss as one graph, with batches padded to data.max_length so it compiles once (the first step takes a while: reported; pays off on long GPU runs)")
+    cuda_graphs: bool = opt(False, "with compile: also record the compiled step as CUDA graphs (torch.compile mode \"reduce-overhead\"; fewer kernel launches, for small batches); CUDA only")
     auto_batch_size: bool = opt(False, "on GPU, use the largest micro-batch that fits (probed) and keep the global batch by lowering accumulation; on CPU the recipe's batch is kept")
     eval_every_steps: int = opt(0, "evaluate every N optimizer steps as well as at each epoch end (0: epoch ends only)", min=0)
     log_every_steps: int = opt(10, "send training metrics to the sinks every N optimizer steps", min=1)
@@ -82,7 +87,12 @@ class LoraSection:
     r: int = opt(16, "LoRA rank", min=1)
     alpha: int = opt(32, "LoRA alpha (scale = alpha / r)", min=1)
     dropout: float = opt(0.1, "dropout on the LoRA path", min=0.0, lt=1.0)
-    target_modules: list[str] = opt([], "module names to adapt; empty: peft's default for the architecture (c_attn for GPT-2)")
+    target_modules: Union[list[str], Literal["all-linear"]] = opt([], "module names to adapt, or \"all-linear\" (every linear layer but the output head); empty: peft's default for the architecture (c_attn for GPT-2)")
+    use_dora: bool = opt(False, "DoRA: a trained magnitude per output feature besides the low-rank direction update (peft use_dora)")
+    use_rslora: bool = opt(False, "rank-stabilized LoRA: scale the update by alpha / sqrt(r) instead of alpha / r")
+    modules_to_save: list[str] = opt([], "modules trained fully and saved with the adapter (e.g. [\"wte\", \"lm_head\"] after adding tokens); not quantized layers")
+    init: Literal["default", "gaussian", "orthogonal"] = opt("default", "adapter initialization (peft init_lora_weights): default (B = 0), gaussian, or orthogonal (needs an even r). pissa, olora and loftq rewrite the base weights and eva, corda need data passes: not offered")
+    bias: Literal["none", "all", "lora_only"] = opt("none", "train biases as well: none, all of them, or those of the adapted layers (peft bias)")
 
 
 SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "train": TrainSection, "lora": LoraSection}
@@ -284,6 +294,10 @@ def from_dict(
         {s: v for s, v in slots.items()}, plugin_tables, origin_of, inherited
     )
     errors.extend(_reattribute(e, None, origins) for e in plugin_errors)
+    if sections["model"] is not None and sections["lora"] is not None:
+        from engine import quant
+
+        errors.extend(quant.problems(sections["model"], sections["lora"], origin_of))
     if errors:
         raise UserError(*errors)
     return Recipe(origin, sections["model"], sections["data"], sections["train"], sections["lora"], selected, base_dir or Path.cwd())

@@ -79,6 +79,7 @@ def _records(out, phase):
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if f'"phase": "{phase}"' in l]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """2 processes x batch 2 x accumulation 2 == 1 process x batch 8: losses, evaluations and weights."""
     run_recipe(_recipe(tmp_path / "one", batch_size=8))
@@ -104,6 +105,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert weights.keys() == ref_weights.keys()
     for name, w in ref_weights.items():
         torch.testing.assert_close(weights[name], w, atol=1e-5, rtol=0, msg=name)
+@pytest.mark.slow
 def test_stop_requested_on_one_rank_stops_every_rank_at_that_step(tmp_path, one_rank_package):
     report = tmp_path / "report"
     report.mkdir()
@@ -121,6 +123,7 @@ def test_stop_requested_on_one_rank_stops_every_rank_at_that_step(tmp_path, one_
     assert [r["step"] for r in _records(tmp_path / "run", "train")] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_nan_loss_on_one_rank_fails_every_rank_cleanly(tmp_path, one_rank_package):
     recipe = _recipe(tmp_path, batch_size=4, max_steps=8)
     recipe.update(callbacks=["one_rank"], one_rank={"rank": 1, "step": 1, "action": "nan"})
@@ -132,6 +135,7 @@ def test_nan_loss_on_one_rank_fails_every_rank_cleanly(tmp_path, one_rank_packag
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_rank_checkpoints_every_rank_at_that_step_and_resumes(tmp_path, one_rank_package):
     recipe = _recipe(tmp_path, batch_size=4, max_steps=8)
     recipe.update(callbacks=["one_rank"], one_rank={"rank": 1, "step": 3, "action": "sigterm"})
@@ -159,6 +163,7 @@ def test_device_map_auto_with_several_processes_is_exit_2(tmp_path, tiny_model_d
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_accelerate_launch_cpu_that_started_one_process_of_several_is_exit_2(tmp_path):
     # what `accelerate launch --cpu --num_processes 2` gives its single process (no MPI hostfile)
     path = write_recipe(_recipe(tmp_path), tmp_path / "r.toml")
