@@ -14,6 +14,8 @@ import torch
 
 from engine import docs, hookimpl
 from engine.context import EarlyStopDecision
+from engine.formats import Segment
+from engine.manager import Plugins
 from engine.testing import inline_plugin, run_recipe, tiny_recipe
 from tests.conftest import REPO
 
@@ -89,6 +91,25 @@ class RecDecoding:
         return [processor]
 
 
+class RecFormat:
+    @hookimpl
+    def prepare_tokenizer(self, tokenizer, data):
+        tokenizer.add_tokens(["<|rec|>"], special_tokens=True)
+        record("prepare_tokenizer", size=len(tokenizer), text_field=data.text_field)
+        return ["<|rec|>"]
+
+    @hookimpl
+    def format_example(self, example, data, tokenizer):
+        record("format_example", example=dict(example), field=data.text_field)
+        first, _, rest = example[data.text_field].partition(" ")
+        return [Segment(first + " ", False), Segment(rest, True), Segment(tokenizer.eos_token, True)]
+
+    @hookimpl
+    def format_prompt(self, messages, data, tokenizer):
+        record("format_prompt", messages=list(messages))
+        return "<|rec|>" + messages[-1]["content"]
+
+
 class RecCallback:
     def __init__(self):
         self.steps = 0
@@ -125,6 +146,7 @@ PLUGINS = [
     ("augmentation", "rec_augment", RecAugment), ("optimizer", "rec_optimizer", RecOptimizer),
     ("scheduler", "rec_scheduler", RecScheduler), ("early_stopping", "rec_stop", RecEarlyStop),
     ("sink", "rec_sink", RecSink), ("decoding", "rec_decoding", RecDecoding), ("callback", "rec_callback", RecCallback),
+    ("format", "rec_format", RecFormat),
 ]
 
 
@@ -132,6 +154,7 @@ def _recipe(folder):
     return tiny_recipe(
         folder, augmentations=["rec_augment"], optimizer="rec_optimizer", scheduler="rec_scheduler",
         early_stopping="rec_stop", sinks=["rec_sink"], decoding="rec_decoding", callbacks=["rec_callback"],
+        data={"format": "rec_format"},
         train={"max_steps": 8, "eval_every_steps": 2, "learning_rate": 0.2, "sample_prompt": "The boat",
                "sample_max_new_tokens": 5, "log_every_steps": 1, "save_every_steps": 2, "keep_checkpoints": 3},
     )
@@ -182,6 +205,32 @@ def test_hook_early_stopping_check(run):
     summary = run["summary"]
     assert summary["steps"] == 6 and summary["stopped_early"] and summary["stop_reason"] == "recorded stop"
     assert summary["best_step"] == 4 and (run["folder"] / "run" / "best" / "model.safetensors").exists()
+
+
+def test_hook_prepare_tokenizer(run):
+    (call,) = run["calls"]["prepare_tokenizer"]
+    from transformers import AutoConfig, AutoTokenizer
+
+    final = run["folder"] / "run" / "final"
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert call["text_field"] == "text" and len(tokenizer) == call["size"] and "<|rec|>" in tokenizer.get_vocab()
+    assert AutoConfig.from_pretrained(final).vocab_size >= call["size"]  # the model was built with room for it
+
+
+def test_hook_format_example(run):
+    calls = run["calls"]["format_example"]
+    corpus = (run["folder"] / "corpus.txt").read_text()
+    documents = [d for d in corpus.split("\n\n") if d.strip()]
+    assert len(calls) == len(documents) * 2 - round(len(documents) * 0.1)  # training (and their augmented copies) and validation
+    assert all(set(c["example"]) == {"text"} and c["field"] == "text" for c in calls)
+    # the first word of every document is no target: fewer tokens trained on than the blocks hold
+    steps = [c["metrics"]["tokens_seen"] for c in run["calls"]["on_step_end"]]
+    assert steps[0] < 4 * 32 - 4
+
+
+def test_hook_format_prompt(run):
+    (call,) = run["calls"]["format_prompt"]
+    assert call["messages"] == [{"role": "user", "content": "The boat"}]
 
 
 def test_hook_log_metrics(run):
