@@ -289,7 +289,7 @@ def test_early_stopping_restores_and_saves_best_lora_adapter(tiny_model_dir, tmp
         tmp_path, early_stopping="patience", patience={"patience": 2}, callbacks=["capture"], scheduler="constant",
         constant={"warmup_steps": 0}, model={"base": str(tiny_model_dir), "config": {}},
         train={"learning_rate": 0.3, "max_steps": 12, "eval_every_steps": 1},  # a rate that makes val_loss turn
-        lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
+        lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}, data={"packing": "concat"},
     )
     with inline_plugin("callback", "capture", CaptureWeights):
         summary = run_recipe(recipe)

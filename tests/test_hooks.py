@@ -79,7 +79,7 @@ class RecDecoding:
     def generation_kwargs(self, tokenizer):
         record("generation_kwargs", tokenizer=tokenizer)
         keep = tokenizer(ONLY_TOKEN)["input_ids"][-1]  # every other token is suppressed: generate must see this
-        return {"do_sample": False, "min_new_tokens": 5, "suppress_tokens": [i for i in range(len(tokenizer)) if i != keep]}
+        return {"do_sample": False, "min_new_tokens": 5, "suppress_tokens": [i for i in range(4 * len(tokenizer)) if i != keep]}  # padded vocabulary ids too
 
     @hookimpl
     def logits_processors(self, tokenizer):
