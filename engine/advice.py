@@ -28,6 +28,8 @@ def oom_advice(recipe: Any) -> str:
         steps.append('use optimizer = "adamw8bit" (8-bit optimizer state)')
     if not recipe.lora.enabled:
         steps.append("train a LoRA adapter (lora.enabled = true)")
+    elif not recipe.model.config and getattr(recipe.model, "quantization", "none") == "none":
+        steps.append('load the base in 4 bits (model.quantization = "4bit": QLoRA, docs/qlora.md)')
     return "out of GPU memory; to fit, " + "; ".join(steps)
 
 

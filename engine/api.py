@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -105,6 +106,22 @@ def to_recipe(cfg: ConfigSchema) -> dict[str, Any]:
     return recipe
 
 
+# recipe keys set from the config, named in errors by the config's own keys
+CONFIG_KEY_OF = {
+    "model.base": "base_model", "data.train": "data_dir", "train.output_dir": "model_dir", "data.max_length": "max_length",
+    "train.batch_size": "batch_size", "train.gradient_accumulation_steps": "gradient_accumulation_steps",
+    "train.epochs": "epochs", "train.learning_rate": "learning_rate", "train.weight_decay": "weight_decay",
+    "data.val_split": "val_split", "train.gradient_checkpointing": "use_gradient_checkpointing",
+    "lora.r": "lora_r", "lora.alpha": "lora_alpha", "lora.dropout": "lora_dropout", "lora.enabled": "use_lora",
+}
+_RECIPE_KEY = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in CONFIG_KEY_OF) + r")(?![\w])")
+
+
+def in_config_terms(exc: UserError) -> UserError:
+    """The same error with the recipe keys the config sets named as the config names them (base_model, not model.base)."""
+    return UserError(*(_RECIPE_KEY.sub(lambda m: CONFIG_KEY_OF[m.group(1)], line) for line in exc.lines))
+
+
 def check_data_dir(data_dir: str) -> None:
     folder = Path(data_dir)
     if not folder.is_dir() or not any(folder.glob("*.txt")):
@@ -125,6 +142,7 @@ class LanguageModelTrainer:
         self.model: Any = None
         self.tokenizer: Any = None
         self.summary: dict[str, Any] | None = None
+        self._format: tuple[list[Any], Any] = ([], None)
 
     def recipe(self) -> dict[str, Any]:
         return to_recipe(self.settings)
@@ -139,9 +157,12 @@ class LanguageModelTrainer:
         from engine.advice import explain_out_of_memory
 
         check_data_dir(self.settings.data_dir)
-        recipe = recipe_mod.from_dict(self.recipe(), "config (LanguageModelTrainer)")
-        with explain_out_of_memory(recipe):
-            self.summary = loop.train(recipe)
+        try:
+            recipe = recipe_mod.from_dict(self.recipe(), "config (LanguageModelTrainer)")
+            with explain_out_of_memory(recipe):
+                self.summary = loop.train(recipe)
+        except UserError as exc:
+            raise in_config_terms(exc) from None
         out = Path(self.settings.model_dir)
         self.load_model(out / "best" if (out / "best").is_dir() else out / "final_model")
         return self.summary
@@ -149,8 +170,10 @@ class LanguageModelTrainer:
     def load_model(self, path: str | Path) -> None:
         """Load a saved model or LoRA adapter folder (final_model/, best/, any save_pretrained folder)."""
         from engine import model as model_mod
+        from engine.generate import run_format
 
         self.model, self.tokenizer = model_mod.load_trained(path)
+        self._format = run_format(path)  # a run trained with data.format: generate() formats prompts as in training
 
     def _need_model(self) -> None:
         if self.model is None:
@@ -163,9 +186,18 @@ class LanguageModelTrainer:
         from engine import data as data_mod
         from engine.loss import token_loss_sum
 
+        from engine import model as model_mod
+
         self._need_model()
         batch_size = batch_size or self.settings.batch_size
         blocks = [item["input_ids"] for item in dataset]
+        limit = model_mod.context_length(self.model)
+        longest = max((len(b) for b in blocks), default=0)
+        if limit is not None and longest > limit:
+            raise UserError(
+                f"dataset: its blocks hold up to {longest} tokens, more than the model's context ({limit}); "
+                f"build it with max_length {limit} or less, e.g. TextDataset(path, trainer.tokenizer, {limit})"
+            )
         device = next(self.model.parameters()).device
         nats, tokens = 0.0, 0
         was_training = self.model.training
@@ -188,9 +220,15 @@ class LanguageModelTrainer:
         top_k: int = 50,
         repetition_penalty: float = 1.1,
         no_repeat_ngram_size: int = 2,
+        raw: bool = False,
     ) -> str:
-        """The continuation of prompt, sampled with the `sampling` decoding plugin and these options."""
-        from engine.generate import generate_text
+        """The continuation of prompt, sampled with the `sampling` decoding plugin and these options.
+
+        For a model of a run trained with an instruction format (data.format = "prompt_completion" or
+        "chat"), the prompt is formatted as in training (a user turn) and the answer ends where the
+        model ends it; raw=True continues the prompt as plain text.
+        """
+        from engine.generate import generate_answer, generate_text
         from engine.manager import Plugins, select
 
         self._need_model()
@@ -202,4 +240,7 @@ class LanguageModelTrainer:
                                 {"sampling": options}, lambda key: "generate()")
         if errors:
             raise UserError(*[e.replace("sampling.", "") for e in errors])
-        return generate_text(self.model, self.tokenizer, Plugins(chosen), prompt)
+        formats, data_cfg = getattr(self, "_format", ([], None))
+        if raw or not formats:
+            return generate_text(self.model, self.tokenizer, Plugins(chosen), prompt)
+        return generate_answer(self.model, self.tokenizer, Plugins(chosen + formats), data_cfg, prompt)

@@ -24,6 +24,7 @@ class _StepTimer:
     """An inline callback plugin: the time and tokens seen after every optimizer step."""
 
     marks: list[tuple[float, int]] = []
+    step_metrics_on_device = True  # it reads no metric: the GPU never waits for it (the last step is read anyway)
 
     @dataclasses.dataclass
     class Options:

@@ -92,9 +92,12 @@ class TrainContext:
 # The metrics each hook receives, by phase: the contract with sinks and callbacks. The generated hook
 # reference (docs/writing-plugins.md) lists them; tests/test_plugin_api.py checks that exactly these are sent.
 _STEP = {
-    "loss": "training loss of this optimizer step: mean over its target tokens (all micro-batches, all processes)",
+    "loss": "training loss of this optimizer step: mean over its target tokens (all micro-batches, all processes); "
+            "in on_step_end of a plugin class with step_metrics_on_device = True, a 0-dim tensor on the training device "
+            "on steps that neither log, evaluate nor checkpoint (reading it, float(x), waits for the GPU)",
     "lr": "learning rate after the scheduler stepped: the rate the next step uses",
-    "grad_norm": "total gradient norm before clipping to train.max_grad_norm (0.0 when clipping is off)",
+    "grad_norm": "total gradient norm before clipping to train.max_grad_norm (0.0 when clipping is off); a device "
+                 "tensor where loss is one",
     "tokens_seen": "target tokens trained on so far, all processes together",
     "epoch": "epochs done, fractional (1.5: half-way through the second)",
     "skipped_steps": "steps skipped for a non-finite loss so far (train.on_nan = \"skip\")",

@@ -234,7 +234,14 @@ def count_long_documents(sequences: Sequence[Sequence[int]], max_length: int) ->
 
 
 def collate(blocks: Sequence[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad blocks into input_ids, attention_mask and labels (-100 on padding)."""
+    """Right-pad blocks into input_ids, attention_mask and labels (-100 on padding).
+
+    Blocks of ids, labels and positions (engine/packing.py) collate into input_ids, labels and position_ids.
+    """
+    if blocks[0].dim() == 2:
+        from engine import packing
+
+        return packing.collate(blocks, pad_id)
     width = max(len(b) for b in blocks)
     input_ids = torch.full((len(blocks), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(blocks), width), dtype=torch.long)
@@ -289,6 +296,12 @@ class TextDataset(torch.utils.data.Dataset):
     def __init__(self, path: str, tokenizer: Any, max_length: int = 512):
         from engine.recipe import DataSection
 
+        limit = getattr(tokenizer, "model_max_length", None)
+        if isinstance(limit, int) and 1 < limit < 1_000_000 and max_length > limit:  # tokenizers without a limit say 1e30
+            raise UserError(
+                f"TextDataset: max_length {max_length} is longer than the model's context ({limit}, the tokenizer's "
+                f"model_max_length); give max_length {limit} or less"
+            )
         cfg = DataSection(train=str(path))
         docs, _ = load_documents(str(path), "path", cfg)
         if not docs:

@@ -93,8 +93,11 @@ def check_device_map(model_cfg: Any, processes: int) -> None:
 def agree_stop(accelerator: Any, context: Any) -> bool:
     """True on every process when any process asked to stop; every process then holds the reason.
 
-    Called at the same point of every step on every process (it communicates).
+    Called at the same point of every step on every process (it communicates; with one process it
+    reads nothing from the device).
     """
+    if accelerator.num_processes == 1:
+        return bool(context.stop_reason)
     if context.stop_reason:
         accelerator.set_trigger()
     if not accelerator.check_trigger():
@@ -109,15 +112,6 @@ def agree_stop(accelerator: Any, context: Any) -> bool:
             context.stop_reason = f"{reason} (on process {rank})"
     context.request_stop("stop requested")
     return True
-
-
-def sum_over_processes(accelerator: Any, value: int) -> int:
-    """A host integer summed over every process (no device round trip with one process)."""
-    if accelerator.num_processes == 1:
-        return value
-    import torch
-
-    return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), "sum").item())
 
 
 def is_fsdp(accelerator: Any) -> bool:

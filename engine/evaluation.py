@@ -21,7 +21,7 @@ from engine.loss import token_loss_sum
 
 @torch.no_grad()
 def evaluate(
-    model: Any, accelerator: Any, blocks: list[torch.Tensor], batch_size: int, pad_id: int, n_chars: int, chunked: bool = True
+    model: Any, accelerator: Any, blocks: list[torch.Tensor], batch_size: int, pad_id: int, n_chars: int, chunked: bool | str = True
 ) -> dict[str, float]:
     """Mean token loss, perplexity and bits per character; each block counted once.
 
@@ -63,31 +63,41 @@ def evaluate(
     }
 
 
-def evaluate_text(model_path: str, data: str, max_length: int = 0, batch_size: int = 8) -> dict[str, Any]:
+def evaluate_text(model_path: str, data: str, max_length: int = 0, batch_size: int = 8, generate: int = 0) -> dict[str, Any]:
     """`python -m engine eval`: the numbers of a model or adapter folder (or a run's final/) on a text file or dataset.
 
     Documents are read and packed as in training, with the run's data settings when the model comes
     from a run folder (recipe.toml); max_length 0 means the run's data.max_length, or the model's
     context length (at most 1024) for a model folder outside a run.
     """
-    from engine import model as model_mod, runfolder, schema
+    from engine import from_checkpoint, model as model_mod, runfolder, schema
     from engine.errors import UserError
     from engine.recipe import DataSection
 
+    from engine.recipe import data_section
+
     folder = runfolder.model_folder(model_path)
     run = runfolder.run_of(folder)
-    table = dict(runfolder.read_recipe(run).get("data", {})) if run else {}
+    recipe_table = runfolder.read_recipe(run) if run else {}
+    table = data_section(dict(recipe_table.get("data", {})))
     table["train"] = data
     data_cfg, problems = schema.validate(table, DataSection, "data.", str(run / "recipe.toml") if run else "--data")
     if problems:  # a recipe written by another version: fall back to the defaults
         data_cfg, _ = schema.validate({"train": data}, DataSection, "data.", "--data")
+    format_name = recipe_table.get("data", {}).get("format", "text") or "text"
+    if format_name != "text" or generate:
+        from engine import answers
+
+        return answers.evaluate_answers(folder, recipe_table, format_name, data_cfg, data, max_length, batch_size, generate)
     documents, _ = data_mod.load_documents(data, "--data", data_cfg)
     if not documents:
         raise UserError(f"--data: '{data}' holds no text")
     with warnings.catch_warnings():  # libraries' deprecation notices about each other are not the user's business
         warnings.simplefilter("ignore", FutureWarning)
-        model, tokenizer = model_mod.load_trained(folder)
-    if torch.cuda.is_available():
+        model, tokenizer, kind = from_checkpoint.load_any(folder)
+    from engine import quant
+
+    if torch.cuda.is_available() and not quant.is_quantized(model):  # a quantized base was loaded onto its device
         model.to("cuda")
     limit = model_mod.context_length(model)
     length = max_length or (data_cfg.max_length if run else min(limit or 1024, 1024))
@@ -98,10 +108,9 @@ def evaluate_text(model_path: str, data: str, max_length: int = 0, batch_size: i
         raise UserError(f"--data: '{data}' gives no token to predict (it needs at least two tokens)")
     n_chars = data_mod.characters(documents)
     result = evaluate(model, None, blocks, batch_size, tokenizer.pad_token_id, n_chars)
-    trainable = (folder / "adapter_config.json").exists()
     return {
         "model": str(folder),
-        "kind": "LoRA adapter" if trainable else "model",
+        "kind": f"checkpoint, {kind}" if from_checkpoint.is_checkpoint(folder) else kind,
         "data": data,
         "documents": len(documents),
         "characters": n_chars,
@@ -115,6 +124,10 @@ def evaluate_text(model_path: str, data: str, max_length: int = 0, batch_size: i
 
 
 def result_table(result: dict[str, Any]) -> str:
+    if "format" in result:
+        from engine import answers
+
+        return answers.result_table(result)
     rows = [
         ("model", f"{result['model']} ({result['kind']})"),
         ("data", f"{result['data']}: {result['documents']:,} documents, {result['characters']:,} characters"),

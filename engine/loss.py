@@ -1,4 +1,16 @@
-"""Next-token cross-entropy without full fp32 logits (train.chunked_loss).
+"""Next-token cross-entropy, computed one of three ways (train.chunked_loss chooses; "auto" by default).
+
+- fused: liger-kernel's fused linear cross-entropy (pip install 'tunesmith[gpu]'; CUDA only). The
+  output layer and the loss run as one kernel over chunks of tokens: no full logits, at the speed
+  of the plain way.
+- plain: logits for every position, upcast to fp32, then the cross-entropy. Fastest without a fused
+  kernel, and the most memory.
+- chunked: the output layer applied to chunks of tokens under checkpointing (below). Least memory
+  without a fused kernel; slower (the logits are computed twice).
+
+"auto" takes fused where liger-kernel is installed and the model trains on CUDA; else plain when
+the logits of a micro-batch (with their fp32 copy and gradients) take at most a quarter of the
+device's memory; else chunked. All three give the same loss and gradients (up to float rounding).
 
 The plain way computes logits for every position (batch x seq x vocab), upcasts them to fp32 and
 takes the cross-entropy: at seq 512 x vocab 50257 the logits, their fp32 copy and their gradient
@@ -15,6 +27,8 @@ its logits fit the chunk budget anyway.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 from typing import Any, Iterator
 
 import torch
@@ -24,6 +38,13 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 24  # logits elements per chunk: 64 MiB in fp32
 _POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Forward arguments: input_ids with position_ids (packed examples kept apart, engine/packing.py) or attention_mask."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
 
 
 def output_layer(model: Any) -> torch.nn.Linear | None:
@@ -57,7 +78,7 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def plain_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(batch)).logits
     targets = batch["labels"][:, 1:]
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX)
 
@@ -69,7 +90,7 @@ def chunked_loss_sum(model: Any, batch: dict[str, torch.Tensor], chunk_elements:
     if head is None or n_targets * head.out_features <= chunk_elements:
         return plain_loss_sum(model, batch)
     with _identity(head):
-        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        hidden = model(**model_inputs(batch)).logits
     hidden = hidden[:, :-1].flatten(0, 1)
     targets = targets.flatten()
     step = max(1, chunk_elements // head.out_features)
@@ -83,7 +104,71 @@ def chunked_loss_sum(model: Any, batch: dict[str, torch.Tensor], chunk_elements:
     return total
 
 
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropy over a batch (fp32), and the number of target tokens."""
-    loss = chunked_loss_sum(model, batch) if chunked else plain_loss_sum(model, batch)
+def fused_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """liger-kernel's fused linear cross-entropy from the final hidden states (summed over targets, fp32)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    head = output_layer(model)
+    if head is None:
+        return plain_loss_sum(model, batch)
+    with _identity(head):
+        hidden = model(**model_inputs(batch)).logits
+    targets = batch["labels"][:, 1:].flatten()
+    fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = fused(head.weight, hidden[:, :-1].flatten(0, 1), targets, head.bias)
+    return (loss[0] if isinstance(loss, tuple) else loss).float()
+
+
+LOSSES = {"plain": plain_loss_sum, "chunked": chunked_loss_sum, "fused": fused_loss_sum}
+
+
+def fused_available(device: torch.device) -> bool:
+    return device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+
+
+def logits_bytes(micro_batch: int, seq_len: int, vocab: int, half: bool) -> int:
+    """Memory of one micro-batch's logits in the plain way: logits, their fp32 copy, and both gradients."""
+    per_element = (2 if half else 4) * 2 + 4 * 2
+    return micro_batch * seq_len * vocab * per_element
+
+
+def memory_of(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def choose(requested: str, model: Any, device: torch.device, micro_batch: int, seq_len: int, half: bool) -> tuple[str, str]:
+    """(the way to compute the loss, a line saying why) for train.chunked_loss = requested."""
+    from engine.errors import UserError
+
+    head = output_layer(model)
+    if requested == "fused" and not fused_available(device):
+        missing = "" if importlib.util.find_spec("liger_kernel") else "; liger-kernel is not installed: pip install 'tunesmith[gpu]'"
+        raise UserError(
+            f'train.chunked_loss: "fused" needs liger-kernel and a CUDA GPU (this run is on {device.type}{missing}); '
+            f'use "auto", "plain" or "chunked"'
+        )
+    if requested != "auto":
+        return requested, f"{requested} (train.chunked_loss)"
+    if head is None:
+        return "plain", "plain (auto: the output layer is not a plain Linear, or the model changes logits after it)"
+    if fused_available(device):
+        return "fused", "fused linear cross-entropy from liger-kernel (auto: installed, on CUDA)"
+    need, have = logits_bytes(micro_batch, seq_len, head.out_features, half), memory_of(device)
+    if need <= have // 4:
+        return "plain", f"plain (auto: the logits take {need / 2**30:.2f} GiB, at most a quarter of {have / 2**30:.0f} GiB)"
+    return "chunked", f"chunked (auto: the logits would take {need / 2**30:.2f} GiB, over a quarter of {have / 2**30:.0f} GiB)"
+
+
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], chunked: bool | str = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropy over a batch (fp32), and the number of target tokens.
+
+    chunked: "plain", "chunked" or "fused" (True means "chunked", False "plain").
+    """
+    way = ("chunked" if chunked else "plain") if isinstance(chunked, bool) else chunked
+    loss = LOSSES[way](model, batch)
     return loss, (batch["labels"][:, 1:] != IGNORE_INDEX).sum()

@@ -39,6 +39,7 @@ KINDS: dict[str, Kind] = {
     "sink": Kind("sinks", True, "log_metrics", ["console", "jsonl", "curves"]),
     "decoding": Kind("decoding", False, "generation_kwargs", "sampling"),
     "callback": Kind("callbacks", True, None, []),
+    "format": Kind("data.format", False, "format_example", "text"),  # a key inside [data]
 }
 SLOT_TO_KIND = {k.slot: name for name, k in KINDS.items()}
 
@@ -84,6 +85,11 @@ _inline: dict[str, PluginInfo] = {}
 def register_inline(kind: str, name: str, cls: type, package: str = "(inline)") -> PluginInfo:
     if kind not in KINDS:
         raise ValueError(f"unknown plugin kind {kind!r}; kinds: {', '.join(KINDS)}")
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name.partition(".")[2] == name:  # an inline plugin must never silently replace an installed one
+            owner = ep.dist.metadata["Name"] if getattr(ep, "dist", None) is not None else "an installed package"
+            raise ValueError(f"plugin name {name!r} is taken by the installed plugin {ep.name} from {owner}; "
+                             f"give the inline plugin another name")
     info = PluginInfo(kind, name, f"{cls.__module__}:{cls.__qualname__}", package, "", cls=cls)
     _inline[name] = info
     return info

@@ -21,8 +21,31 @@ def _hub_help(base: str) -> str:
     return (
         f"model.base: '{base}' is not a local folder and could not be loaded from the hub; "
         f"check the name and your network, or point model.base at a local folder holding config.json, "
-        f"the weights and the tokenizer (e.g. one written by save_pretrained)"
+        f"the weights and the tokenizer (one written by save_pretrained, `hf download {base} --local-dir DIR`, "
+        f"or a finished run); a model already in your Hugging Face cache loads offline with HF_HUB_OFFLINE=1"
     )
+
+
+def resolve_base(base: str) -> str:
+    """model.base as from_pretrained takes it: a finished run's folder means its final model.
+
+    A LoRA run's final/ is an adapter, not a model: merge it first (python -m engine merge).
+    """
+    from engine import runfolder
+
+    path = Path(base)
+    if not path.is_dir() or runfolder.is_model_folder(path) or not (path / "recipe.toml").exists():
+        return base
+    try:
+        folder = runfolder.model_folder(path)
+    except UserError as exc:
+        raise UserError(f"model.base: {exc.lines[0]}") from None
+    if (folder / "adapter_config.json").exists():
+        raise UserError(
+            f"model.base: '{base}' is a LoRA run, its {folder.name}/ is an adapter; merge it into a standalone model "
+            f"first (python -m engine merge {base} OUT_DIR) and set model.base to OUT_DIR"
+        )
+    return str(folder)
 
 
 def train_tokenizer(documents: Sequence[str], vocab_size: int) -> Any:
@@ -47,7 +70,7 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int) -> Any:
 def load_tokenizer(model_cfg: Any, train_documents: Sequence[str], cache: Path | None = None) -> Any:
     from transformers import AutoTokenizer
 
-    source = model_cfg.tokenizer or ("" if model_cfg.config else model_cfg.base)
+    source = model_cfg.tokenizer or ("" if model_cfg.config else resolve_base(model_cfg.base))
     if not source:
         from engine import tokcache
 
@@ -73,10 +96,16 @@ def load_tokenizer(model_cfg: Any, train_documents: Sequence[str], cache: Path |
     return tokenizer
 
 
-def load_model(model_cfg: Any, tokenizer: Any) -> Any:
-    """The causal LM in fp32 (mixed precision is applied by Accelerate's autocast)."""
+def load_model(model_cfg: Any, tokenizer: Any, mixed_precision: str = "no") -> Any:
+    """The causal LM in fp32 (mixed precision is applied by Accelerate's autocast).
+
+    With model.quantization its linear layers are loaded quantized (engine/quant.py), computing in
+    the dtype of mixed_precision (Accelerate's value: "no", "bf16" or "fp16").
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engine import quant
 
     if model_cfg.config:
         settings = dict(model_cfg.config)
@@ -95,7 +124,7 @@ def load_model(model_cfg: Any, tokenizer: Any) -> Any:
         if config.vocab_size > len(tokenizer):  # padding ids: never targets; never generated either
             model.generation_config.suppress_tokens = list(range(len(tokenizer), config.vocab_size))
         return model
-    base = model_cfg.base
+    base = resolve_base(model_cfg.base)
     if os.path.isdir(base) and not (Path(base) / "config.json").exists():
         raise UserError(f"model.base: folder '{base}' has no config.json; point it at a folder written by save_pretrained")
     try:
@@ -106,6 +135,7 @@ def load_model(model_cfg: Any, tokenizer: Any) -> Any:
             dtype=torch.float32,
             **({"device_map": model_cfg.device_map} if model_cfg.device_map else {}),
             **hub.load_options(base, "model.base"),
+            **quant.load_options(model_cfg, quant.compute_dtype(mixed_precision)),
         )
     except OSError:
         if os.path.isdir(base):
@@ -125,20 +155,52 @@ def context_length(model: Any) -> int | None:
     return None
 
 
-def apply_lora(model: Any, lora_cfg: Any) -> Any:
-    from peft import LoraConfig, get_peft_model
+def lora_config(lora_cfg: Any, trainable_tokens: list[int] | None = None) -> Any:
+    """peft's LoraConfig for the lora section; trainable_tokens: embedding rows (tokens added for a chat
+    template) trained and saved with the adapter (peft's trainable_token_indices)."""
+    from peft import LoraConfig
 
-    config = LoraConfig(
+    targets = lora_cfg.target_modules
+    return LoraConfig(
         task_type="CAUSAL_LM",
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
-        target_modules=list(lora_cfg.target_modules) or None,
+        target_modules=targets if isinstance(targets, str) else (list(targets) or None),
+        use_dora=lora_cfg.use_dora,
+        use_rslora=lora_cfg.use_rslora,
+        modules_to_save=list(lora_cfg.modules_to_save) or None,
+        init_lora_weights=True if lora_cfg.init == "default" else lora_cfg.init,
+        bias=lora_cfg.bias,
+        **({"trainable_token_indices": list(trainable_tokens)} if trainable_tokens else {}),
     )
+
+
+def apply_lora(model: Any, lora_cfg: Any, trainable_tokens: list[int] | None = None) -> Any:
+    """The model with a LoRA adapter (peft); a quantized base is first prepared for k-bit training."""
+    from peft import get_peft_model
+
+    from engine import quant
+
+    quantized = quant.is_quantized(model)
+    if quantized:
+        model = quant.prepare(model)
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, lora_config(lora_cfg, trainable_tokens))
     except ValueError as exc:
-        raise UserError(f"lora.target_modules: {exc}; set lora.target_modules to the model's module names") from None
+        key = "lora.modules_to_save" if lora_cfg.modules_to_save and "modules_to_save" in str(exc) else "lora.target_modules"
+        raise UserError(f"{key}: {exc}; set {key} to the model's module names") from None
+    except RuntimeError as exc:
+        if quantized and "floating point" in str(exc):
+            raise UserError(
+                f"lora.modules_to_save: {list(lora_cfg.modules_to_save)} names a quantized layer, which cannot be "
+                f"trained; keep quantized layers out of lora.modules_to_save (embeddings and the output head stay "
+                f"unquantized), or set model.quantization = \"none\""
+            ) from None
+        raise
+    if quantized:
+        quant.check_trainable(model)
+    return model
 
 
 def use_fused_activations(model: Any) -> int:
@@ -161,9 +223,52 @@ def use_fused_activations(model: Any) -> int:
     return swapped
 
 
-def enable_gradient_checkpointing(model: Any) -> None:
+def skip_padding_check(model: Any) -> int:
+    """Turn off transformers' check for a forgotten attention mask on this model instance; returns how many.
+
+    The check (warn_if_padding_and_no_attention_mask) reads input ids back from the GPU on every
+    forward, a host-device sync. The engine gives a mask whenever a batch has padding (engine/feed.py)
+    and leaves it out only when nothing is masked, so the check can only warn wrongly.
+    """
+    from transformers import PreTrainedModel
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.warn_if_padding_and_no_attention_mask = lambda input_ids, attention_mask: None
+            count += 1
+    return count
+
+
+def enable_gradient_checkpointing(model: Any, every: int = 1) -> None:
+    """Recompute activations in backward (non-reentrant torch.utils.checkpoint), in every `every`-th block.
+
+    every = 1 checkpoints every transformer block; 2 every other one (the rest keep their activations):
+    less recomputation for less memory saved. transformers does the selection (every_n_layers) where
+    it can; older versions get the same flags set on their checkpointing layers here.
+    """
+    import inspect
+
     model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None and "every_n_layers" in inspect.signature(enable).parameters:
+        enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if every > 1:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = index % every == 0
+
+
+def checkpointed_blocks(model: Any) -> list[bool]:
+    """For each transformer block, whether its activations are recomputed in backward."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [bool(m.gradient_checkpointing) for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:
@@ -192,7 +297,12 @@ def load_trained(path: str | Path) -> tuple[Any, Any]:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: no such model folder")
-    if (path / "adapter_config.json").exists():
+    from engine import quant
+
+    quantized = quant.settings_of_run(path)
+    if (path / "adapter_config.json").exists() and quantized is not None:
+        model = load_quantized_adapter(path, quantized)
+    elif (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
@@ -205,3 +315,34 @@ def load_trained(path: str | Path) -> tuple[Any, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def adapter_base(path: Path) -> str:
+    """The base model an adapter folder was trained on (adapter_config.json's base_model_name_or_path)."""
+    import json
+
+    return json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+
+
+def load_quantized_base(base: str, settings: Any) -> Any:
+    """The base quantized as its run trained it (settings: engine.quant.settings_of_run)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine import quant
+
+    dtype = quant.compute_dtype(quant.precision_of(settings.precision))
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            base, dtype=torch.float32, **({"device_map": settings.device_map} if settings.device_map else {}),
+            **quant.load_options(settings, dtype),
+        )
+    except OSError as exc:
+        raise UserError(f"{base}: could not load the adapter's base model ({exc}); is the base model still where the run found it?") from None
+
+
+def load_quantized_adapter(path: Path, settings: Any) -> Any:
+    """An adapter folder on its base, loaded quantized as the run trained it."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_quantized_base(adapter_base(path), settings), str(path))

@@ -32,22 +32,31 @@ def _tokens_axis(ax: Any) -> None:
     ax.set_xlabel("tokens seen")
 
 
-def draw_curves(train: Sequence[dict], evals: Sequence[dict], path: Path, width: int, height: int, title: str = "") -> None:
-    """train: records with step, tokens_seen, loss, lr; evals: records with step, tokens_seen, val_loss."""
+def draw_curves(
+    train: Sequence[dict], evals: Sequence[dict], path: Path, width: int, height: int, title: str = "", steps: Sequence[dict] = (),
+) -> None:
+    """train: the logged records (step, tokens_seen, loss averaged since the last log, lr); evals: records with
+    step, tokens_seen, val_loss; steps: every optimizer step's step, tokens_seen, loss and lr, when kept.
+
+    With steps, the training loss of every step is drawn (thin) under the logged means, and the learning
+    rate of every step, so a short run's warmup shows."""
     fig = _figure(width, height)
     axes = fig.subplots(2, 2, sharex="col")
     for col, x in enumerate(("step", "tokens_seen")):
         loss_ax, lr_ax = axes[0][col], axes[1][col]
         tr = [r for r in train if x in r and "loss" in r]
         ev = [r for r in evals if x in r and "val_loss" in r]
+        each = [r for r in steps if r.get(x) is not None and r.get("loss") is not None]
+        if each:
+            loss_ax.plot([r[x] for r in each], [r["loss"] for r in each], label="train loss, every step", color="tab:blue", alpha=0.35, linewidth=0.8)
         if tr:
-            loss_ax.plot([r[x] for r in tr], [r["loss"] for r in tr], label="train loss", color="tab:blue")
+            loss_ax.plot([r[x] for r in tr], [r["loss"] for r in tr], label="train loss" + (", logged mean" if each else ""), color="tab:blue")
         if ev:
             loss_ax.plot([r[x] for r in ev], [r["val_loss"] for r in ev], "o-", label="validation loss", color="tab:orange")
         loss_ax.set_ylabel("loss (nats per token)")
         loss_ax.grid(alpha=0.3)
         loss_ax.legend(loc="upper right")
-        lr = [r for r in tr if "lr" in r]
+        lr = [r for r in each if r.get("lr") is not None] or [r for r in tr if "lr" in r]
         if lr:
             lr_ax.plot([r[x] for r in lr], [r["lr"] for r in lr], color="tab:green")
         lr_ax.set_ylabel("learning rate")

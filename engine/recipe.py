@@ -11,7 +11,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 from engine import schema, tomlfile
 from engine.errors import UserError
@@ -29,6 +29,9 @@ class ModelSection:
     attention: Literal["sdpa", "eager"] = opt("sdpa", "attention implementation")
     device_map: Literal["", "auto"] = opt("", "\"auto\": one process spreads a model.base too large for one GPU over every GPU it sees (from_pretrained's device_map); not with several processes")
     fused_activations: bool = opt(True, "run tanh-approximate GELUs written out in Python (transformers' gelu_new, gelu_fast: GPT-2 and others) as PyTorch's one fused kernel; the same function up to float rounding, fewer and faster kernels")
+    quantization: Literal["none", "4bit", "8bit"] = opt("none", "load model.base with its linear layers quantized by bitsandbytes and frozen; \"4bit\" with a LoRA adapter is QLoRA. Needs lora.enabled = true; the compute dtype follows train.precision")
+    quant_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type (model.quantization = \"4bit\"): nf4 (NormalFloat, QLoRA's) or fp4")
+    double_quant: bool = opt(True, "also quantize the 4-bit blocks' scales (model.quantization = \"4bit\"): about 0.37 bits per weight saved")
     pad_vocab_multiple: int = opt(64, "round the vocabulary of a model built from model.config up to a multiple of this (faster matmuls; padded ids are never targets and never generated); 1: off", min=1)
 
 
@@ -40,7 +43,13 @@ class DataSection:
     max_length: int = opt(512, "tokens per training block", min=2)
     text_field: str = opt("text", "column holding the text in .jsonl/.json/.csv/.parquet files and datasets")
     txt_documents: Literal["paragraph", "line", "file"] = opt("paragraph", "what one document is in a .txt file: blank-line-separated paragraphs, single lines, or the whole file")
-    packing: bool = opt(True, "concatenate documents (EOS between them) into full max_length blocks; false: one padded block per document piece")
+    packing: bool | Literal["isolated", "concat"] = opt(True, "pack examples into full max_length blocks. true or \"isolated\": each example attends only to itself and its positions restart at 0; \"concat\": examples see the ones before them in the block (the old behaviour); false: one padded block per example")
+    prompt_field: str = opt("prompt", "data.format = \"prompt_completion\": the field holding the prompt")
+    completion_field: str = opt("completion", "data.format = \"prompt_completion\": the field holding the answer")
+    messages_field: str = opt("messages", "data.format = \"chat\": the field holding the list of {role, content} turns")
+    train_on_prompt: bool = opt(False, "compute the loss on every token, prompts and user turns included (default: answers only)")
+    last_turn_only: bool = opt(False, "data.format = \"chat\": train on the last assistant turn of each chat only")
+    too_long: Literal["auto", "split", "truncate", "drop"] = opt("auto", "an example longer than data.max_length: split across blocks, truncate its prompt from the left, or drop it; auto: split plain text, truncate examples with a prompt")
     augment_copies: int = opt(1, "augmented copies added per training document when augmentations are selected (1 doubles the data)", min=0)
     encoding_errors: Literal["strict", "replace"] = opt("strict", "bytes that are not UTF-8: stop with an error naming file and line, or replace them")
     cache: bool = opt(True, "keep tokenized documents (and a tokenizer trained on data.train) in data.cache_dir, keyed by text and tokenizer, and reuse them")
@@ -60,8 +69,10 @@ class TrainSection:
     seed: int = opt(42, "seed for weights, data order, dropout and augmentation", min=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "auto: bf16 where supported, fp16 on other GPUs, fp32 on CPU")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
-    chunked_loss: bool = opt(True, "cross-entropy from the final hidden states in chunks of tokens, so full fp32 logits are never held (exact; off: plain logits)")
-    compile: bool = opt(False, "torch.compile the model (compiling takes a while; pays off on long GPU runs)")
+    checkpoint_every: int = opt(1, "with gradient_checkpointing: recompute the activations of every k-th transformer block only (1: all; 2: every other one): less recomputation, less memory saved", min=1)
+    chunked_loss: Literal["auto", "fused", "plain", "chunked"] = opt("auto", "how the cross-entropy is computed: fused (liger-kernel's fused linear cross-entropy, CUDA, pip install 'tunesmith[gpu]'), plain (full logits: fast, most memory), chunked (logits in chunks, recomputed in backward: least memory, slower); auto: fused where it can, else plain when the logits take at most a quarter of the device's memory, else chunked; reported at start")
+    compile: bool = opt(False, "torch.compile the model's forward and the loss as one graph, with batches padded to data.max_length so it compiles once (the first step takes a while: reported; pays off on long GPU runs)")
+    cuda_graphs: bool = opt(False, "with compile: also record the compiled step as CUDA graphs (torch.compile mode \"reduce-overhead\"; fewer kernel launches, for small batches); CUDA only")
     auto_batch_size: bool = opt(False, "on GPU, use the largest micro-batch that fits (probed) and keep the global batch by lowering accumulation; on CPU the recipe's batch is kept")
     eval_every_steps: int = opt(0, "evaluate every N optimizer steps as well as at each epoch end (0: epoch ends only)", min=0)
     log_every_steps: int = opt(10, "send training metrics to the sinks every N optimizer steps", min=1)
@@ -82,7 +93,12 @@ class LoraSection:
     r: int = opt(16, "LoRA rank", min=1)
     alpha: int = opt(32, "LoRA alpha (scale = alpha / r)", min=1)
     dropout: float = opt(0.1, "dropout on the LoRA path", min=0.0, lt=1.0)
-    target_modules: list[str] = opt([], "module names to adapt; empty: peft's default for the architecture (c_attn for GPT-2)")
+    target_modules: Union[list[str], Literal["all-linear"]] = opt([], "module names to adapt, or \"all-linear\" (every linear layer but the output head); empty: peft's default for the architecture (c_attn for GPT-2)")
+    use_dora: bool = opt(False, "DoRA: a trained magnitude per output feature besides the low-rank direction update (peft use_dora)")
+    use_rslora: bool = opt(False, "rank-stabilized LoRA: scale the update by alpha / sqrt(r) instead of alpha / r")
+    modules_to_save: list[str] = opt([], "modules trained fully and saved with the adapter (e.g. [\"wte\", \"lm_head\"] after adding tokens); not quantized layers")
+    init: Literal["default", "gaussian", "orthogonal"] = opt("default", "adapter initialization (peft init_lora_weights): default (B = 0), gaussian, or orthogonal (needs an even r). pissa, olora and loftq rewrite the base weights and eva, corda need data passes: not offered")
+    bias: Literal["none", "all", "lora_only"] = opt("none", "train biases as well: none, all of them, or those of the adapted layers (peft bias)")
 
 
 SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "train": TrainSection, "lora": LoraSection}
@@ -102,11 +118,12 @@ class Recipe:
     def resolved(self) -> dict[str, Any]:
         """The whole recipe as run: every key, defaults filled in, plugin options included."""
         out: dict[str, Any] = {}
-        for kind in KINDS.values():
-            names = [s.name for s in self.plugins if KINDS[s.kind] is kind]
-            out[kind.slot] = names if kind.many else (names[0] if names else "")
         for name in SECTIONS:
             out[name] = dataclasses.asdict(getattr(self, name))
+        for kind in KINDS.values():
+            names = [s.name for s in self.plugins if KINDS[s.kind] is kind]
+            section, _, key = kind.slot.rpartition(".")
+            (out[section] if section else out)[key] = names if kind.many else (names[0] if names else "")
         for sel in self.plugins:
             out[sel.name] = resolved_options(sel)
         return out
@@ -235,8 +252,11 @@ def from_dict(
 
     errors: list[str] = []
     sections: dict[str, Any] = {}
+    slot_values = section_slots(data)
     for name, section_schema in SECTIONS.items():
         table = data.get(name, {})
+        if isinstance(table, dict):  # a slot inside a section (data.format) is a plugin name, not a section key
+            table = {k: v for k, v in table.items() if f"{name}.{k}" not in SLOT_TYPES}
         value, section_errors = schema.validate(table, section_schema, f"{name}.", origin_of(name))
         # Name the file each bad key came from (a recipe it extends, or the command line).
         errors.extend(_reattribute(e, origin_of(name), origins) for e in section_errors)
@@ -244,11 +264,11 @@ def from_dict(
 
     slots: dict[str, Any] = {}
     for slot, slot_type in SLOT_TYPES.items():
-        if slot not in data:
+        if slot not in slot_values:
             continue
-        ok, value = schema._check_value(data[slot], slot_type)
+        ok, value = schema._check_value(slot_values[slot], slot_type)
         if not ok:
-            errors.append(f"{origin_of(slot)}: {slot}: expected {schema.describe_type(slot_type)} (plugin names), got {data[slot]!r}")
+            errors.append(f"{origin_of(slot)}: {slot}: expected {schema.describe_type(slot_type)} (plugin names), got {slot_values[slot]!r}")
         else:
             slots[slot] = value
 
@@ -284,9 +304,29 @@ def from_dict(
         {s: v for s, v in slots.items()}, plugin_tables, origin_of, inherited
     )
     errors.extend(_reattribute(e, None, origins) for e in plugin_errors)
+    if sections["model"] is not None and sections["lora"] is not None:
+        from engine import quant
+
+        errors.extend(quant.problems(sections["model"], sections["lora"], origin_of))
     if errors:
         raise UserError(*errors)
     return Recipe(origin, sections["model"], sections["data"], sections["train"], sections["lora"], selected, base_dir or Path.cwd())
+
+
+def section_slots(data: dict[str, Any]) -> dict[str, Any]:
+    """The slot values a recipe dict sets: top-level keys (optimizer) and keys inside a section (data.format)."""
+    out = {}
+    for slot in SLOT_TYPES:
+        section, _, key = slot.rpartition(".")
+        table = data.get(section, {}) if section else data
+        if isinstance(table, dict) and key in table:
+            out[slot] = table[key]
+    return out
+
+
+def data_section(table: dict[str, Any]) -> dict[str, Any]:
+    """A [data] table without its plugin slot (data.format), for validating it against DataSection alone."""
+    return {k: v for k, v in table.items() if f"data.{k}" not in SLOT_TYPES}
 
 
 def _absolute_local_folders(model: ModelSection) -> None:

@@ -79,7 +79,7 @@ def model_folder(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: no such folder; give a run folder or a model folder (final/, best/, a checkpoint)")
-    if is_model_folder(path):
+    if is_model_folder(path) or (path / "weights.safetensors").is_file():  # a checkpoint: engine/from_checkpoint.py
         return path
     final_dir = read_recipe(path).get("train", {}).get("final_dir", "final") if (path / "recipe.toml").exists() else "final"
     if is_model_folder(path / final_dir):

@@ -1,7 +1,8 @@
 """`python -m engine runs DIR... [--plot FILE.png]`: finished runs side by side.
 
 The table holds the key numbers of each run's metrics.json and every recipe key (from recipe.toml)
-whose value is not the same in all of them; --plot draws their validation curves (metrics.jsonl).
+whose value is not the same in all of them, "-" where a key did not apply to a run (model.base of a
+model built from model.config, lora.* of a full fine-tune, ...: `not_applying`); --plot draws their validation curves (metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -46,8 +47,33 @@ def _metric_rows(summaries: list[dict[str, Any]]) -> list[tuple[str, list[str]]]
     ]
 
 
+def not_applying(recipe: dict[str, Any]) -> list[str]:
+    """Keys (a name ending in "." covers a section's keys) that a run's recipe.toml holds but that did not act in it."""
+    model, data, train, lora = (recipe.get(k, {}) for k in ("model", "data", "train", "lora"))
+    keys = []
+    if model.get("config"):  # built from a config: no base model
+        keys += ["model.base", "model.device_map"]
+    else:  # a pretrained base: its own tokenizer and vocabulary
+        keys += ["model.tokenizer_vocab_size", "model.pad_vocab_multiple"]
+    if lora.get("enabled") is False:
+        keys += [f"lora.{k}" for k in lora if k != "enabled"]
+    if data.get("val"):
+        keys.append("data.val_split")
+    if not recipe.get("augmentations"):
+        keys.append("data.augment_copies")
+    if train.get("max_steps", 0) > 0:
+        keys.append("train.epochs")
+    return keys
+
+
+def _applying(recipe: dict[str, Any]) -> dict[str, Any]:
+    skip = not_applying(recipe)
+    return {k: v for k, v in _flat(recipe).items() if not any(k == s or k.startswith(s + ".") for s in skip)}
+
+
 def differing_keys(recipes: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
-    flats = [_flat(r) for r in recipes]
+    """Recipe keys whose values differ between runs; "-" where a run has no such key or the key did not apply to it."""
+    flats = [_applying(r) for r in recipes]
     keys = sorted({k for f in flats for k in f} - set(IGNORED_KEYS))
     rows = []
     for key in keys:

@@ -6,6 +6,18 @@ from engine import hookimpl
 from engine.schema import opt
 
 
+def _on_host(rows: list[list]) -> list[list]:
+    """Rows of numbers, some of them maybe still device tensors (a loop that does not sync each step): plain floats."""
+    import torch
+
+    pending = [(i, j) for i, row in enumerate(rows) for j, v in enumerate(row) if isinstance(v, torch.Tensor)]
+    if pending:
+        values = torch.stack([rows[i][j].detach().reshape(()).double() for i, j in pending]).cpu().tolist()  # one transfer
+        for (i, j), value in zip(pending, values):
+            rows[i][j] = value
+    return rows
+
+
 class Curves:
     """Draws curves.png in the run folder at each evaluation and at the end: loss and learning rate against steps and tokens."""
 
@@ -21,6 +33,7 @@ class Curves:
         self.title = ""
         self.train: list[dict] = []
         self.evals: list[dict] = []
+        self.steps: list[list] = []  # [step, tokens_seen, loss, lr] of every optimizer step, kept on the main process
 
     @hookimpl
     def on_train_start(self, context):
@@ -42,6 +55,20 @@ class Curves:
             self.evals.append(dict(metrics))
 
     @hookimpl
+    def on_step_end(self, context, metrics):
+        if self.path is not None:  # the values as the loop has them; read back to the host only when drawing
+            self.steps.append([context.state.step, metrics.get("tokens_seen"), metrics.get("loss"), metrics.get("lr")])
+
+    @hookimpl
+    def plugin_state(self):
+        return {"steps": _on_host(self.steps)} if self.path is not None else None
+
+    @hookimpl
+    def load_plugin_state(self, state):
+        if self.path is not None:  # a resumed run: every step before the checkpoint, then this run's
+            self.steps = [list(row) for row in state.get("steps", [])] + self.steps
+
+    @hookimpl
     def log_metrics(self, metrics, step, phase):
         if self.path is None:
             return
@@ -49,4 +76,5 @@ class Curves:
         if phase in ("eval", "summary"):
             from engine.plots import draw_curves
 
-            draw_curves(self.train, self.evals, self.path, self.options.width, self.options.height, self.title)
+            steps = [dict(zip(("step", "tokens_seen", "loss", "lr"), row)) for row in _on_host(self.steps)]
+            draw_curves(self.train, self.evals, self.path, self.options.width, self.options.height, self.title, steps)

@@ -18,12 +18,31 @@ def run_cli(*args: str, cwd: Path | str = REPO, env: dict | None = None, timeout
     )
 
 
+def in_ci() -> bool:
+    """CI=true, CI=1, CI=yes... (CI services set different truthy values)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu skip, with the reason, where torch sees no CUDA device."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data (tinyshakespeare). Skips loudly when missing; under CI=true it fails instead."""
+    """../shared/data (tinyshakespeare). Skips loudly when missing; under CI (any value but empty/0/false/no) it fails instead."""
     if not (SHARED / "tinyshakespeare-train.txt").exists():
         reason = f"SHARED DATA MISSING: {SHARED} not found; these tests need ../shared/data beside the repo"
-        if os.environ.get("CI") == "true":
+        if in_ci():
             pytest.fail(reason)
         pytest.skip(reason)
     return SHARED
@@ -46,6 +65,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def direct_val_numbers(model, tokenizer, documents, max_length: int) -> tuple[float, int, int]:
+    """(nats, predicted tokens, characters) of documents straight from transformers' loss: each document
+    and its EOS, concatenated, in windows of max_length overlapping by one token (every token but the
+    first predicted once); characters count each document and its end. Independent of engine.evaluation."""
+    import torch
+
+    eos = tokenizer.eos_token_id
+    ids = [t for doc in documents for t in tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]]
+    nats, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, max_length - 1):
+            window = torch.tensor([ids[start : start + max_length]])
+            if window.shape[1] >= 2:
+                nats += model(input_ids=window, labels=window).loss.item() * (window.shape[1] - 1)
+                tokens += window.shape[1] - 1
+    assert tokens == len(ids) - 1
+    return nats, tokens, sum(len(d) + 1 for d in documents)
 
 
 def fake_package(root, name, entry_points, modules):

@@ -53,6 +53,7 @@ def test_config_maps_to_the_recipe_keys():
     assert "early_stopping" not in to_recipe(validate_config({"early_stopping_patience": 0}))
 
 
+@pytest.mark.slow
 def test_dict_api_and_equivalent_recipe_give_the_same_metrics(tiny_model_dir, tmp_path):
     from engine import LanguageModelTrainer, TextDataset
     from engine import recipe as recipe_mod
@@ -124,23 +125,34 @@ patience = 2
         other.generate("The harbour", temperature=0)
 
 
-def test_generate_uses_the_original_defaults(tiny_model_dir, monkeypatch):
+def test_generate_passes_its_arguments_to_transformers(tiny_model_dir):
+    """Non-default arguments, at a fixed seed, give exactly transformers' sample with the same settings;
+    the defaults are the original design's (temperature 0.7, top_p 0.9, top_k 50, ...)."""
+    from transformers import set_seed
+
     from engine import LanguageModelTrainer
-    from engine import generate as generate_mod
 
-    seen = {}
-
-    def spy(model, tokenizer, plugins, prompt, **kw):
-        seen.update(generate_mod.generation_settings(plugins, tokenizer))
-        return ""
-
-    monkeypatch.setattr(generate_mod, "generate_text", spy)
     trainer = LanguageModelTrainer()
     trainer.load_model(tiny_model_dir)
-    trainer.generate("x")
-    assert {k: seen[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")} == {
-        "max_new_tokens": 200, "temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1, "no_repeat_ngram_size": 2}
-    assert seen["do_sample"] is True
+    model, tokenizer = trainer.model, trainer.tokenizer
+    with torch.no_grad():  # an untrained model's next-token distribution is nearly flat: sharpen it so options matter
+        model.transformer.ln_f.weight.mul_(8)
+    enc = tokenizer("The harbour", return_tensors="pt")
+
+    def native(seed, **kwargs):
+        set_seed(seed)
+        out = model.generate(**enc, do_sample=True, pad_token_id=tokenizer.pad_token_id, **kwargs)
+        return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    defaults = {"max_new_tokens": 200, "temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1, "no_repeat_ngram_size": 2}
+    chosen = {"max_new_tokens": 9, "temperature": 1.4, "top_p": 0.6, "top_k": 11, "repetition_penalty": 1.3, "no_repeat_ngram_size": 1}
+    set_seed(5)
+    text = trainer.generate("The harbour", **chosen)
+    assert text == native(5, **chosen) and len(tokenizer(text)["input_ids"]) >= 8
+    for key in ("temperature", "top_p", "top_k", "no_repeat_ngram_size"):  # each of them changes this sample
+        assert native(5, **{**chosen, key: defaults[key]}) != text, key
+    set_seed(5)
+    assert trainer.generate("The harbour", max_new_tokens=9) == native(5, **{**defaults, "max_new_tokens": 9})
 
 
 def test_engine_alone_explains_itself_and_needs_data(tmp_path):

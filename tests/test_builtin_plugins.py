@@ -19,7 +19,7 @@ from engine import recipe as recipe_mod
 from engine.errors import UserError
 from engine.manager import Plugins
 from engine.testing import inline_plugin, run_recipe, tiny_recipe, write_corpus
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, direct_val_numbers, run_cli
 
 
 def plugins_of(tmp_path, **top):
@@ -255,7 +255,7 @@ class CaptureWeights:
 def test_early_stopping_restores_and_saves_best_lora_adapter(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe = tiny_recipe(
         tmp_path, early_stopping="patience", patience={"patience": 2}, callbacks=["capture"], scheduler="constant",
@@ -265,6 +265,7 @@ def test_early_stopping_restores_and_saves_best_lora_adapter(tiny_model_dir, tmp
     )
     with inline_plugin("callback", "capture", CaptureWeights):
         summary = run_recipe(recipe)
+        val_docs = data_mod.split_documents(recipe_mod.from_dict(recipe, "(test)")).val
     out = tmp_path / "run"
     evals = jsonl(out, "eval")
     best = min(evals, key=lambda e: e["val_loss"])
@@ -283,9 +284,13 @@ def test_early_stopping_restores_and_saves_best_lora_adapter(tiny_model_dir, tmp
     for name, value in restored.items():
         torch.testing.assert_close(saved_best[key(name)], value, rtol=0, atol=0)
     assert any(not torch.equal(saved_final[key(n)], v) for n, v in restored.items())  # final/ is the last step's
-    # best/ loads with peft and gives the best validation loss again
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "best")
-    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+    # best/ loads with peft and gives the best validation loss again, computed with transformers' own loss
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "best").eval()
+    nats, tokens, _ = direct_val_numbers(model, AutoTokenizer.from_pretrained(out / "best"), val_docs, 32)
+    assert nats / tokens == pytest.approx(summary["best_val_loss"], rel=1e-5)
+    last = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "final").eval()
+    nats, tokens, _ = direct_val_numbers(last, AutoTokenizer.from_pretrained(out / "final"), val_docs, 32)
+    assert nats / tokens == pytest.approx(evals[-1]["val_loss"], rel=1e-5) and nats / tokens > summary["best_val_loss"]
 
 
 # ------------------------------------------------------------------ wandb
@@ -422,6 +427,7 @@ def test_min_p_adds_transformers_processor_and_matches_native_min_p(tmp_path, ti
     assert any(ours != plain for ours, plain in outputs)  # the cut changes what is sampled
 
 
+@pytest.mark.slow
 def test_generate_command_takes_strategy_from_recipe_or_arguments(tmp_path, tiny_model_dir, tiny_lm):
     import shutil
 
@@ -498,6 +504,7 @@ class CaptureAll(CaptureWeights):
         CaptureWeights.captured = {n: t.detach().clone() for n, t in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_done_when_recipe_with_every_kind_of_plugin_on_shakespeare(shared_data, tiny_model_dir, tmp_path, offline_wandb, capsys):
     """word_swap + adamw8bit + cosine + patience + jsonl + wandb (offline) + sampling, on tinyshakespeare:
     stops once the validation loss turns, ends with the best weights (equal to best/), and generates text."""
@@ -537,6 +544,7 @@ def test_done_when_recipe_with_every_kind_of_plugin_on_shakespeare(shared_data, 
     assert len(sample) == 2 and len(sample[1].strip()) > 5
 
 
+@pytest.mark.slow
 def test_patience_stops_every_process_at_the_same_step(tmp_path):
     """Two processes (torchrun, CPU, gloo): evaluation metrics are reduced, so both ranks decide alike."""
     import os

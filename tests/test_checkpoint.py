@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,7 @@ from safetensors.torch import load_file
 
 from engine import checkpoint, hookimpl, tomlfile
 from engine.cli import main
-from engine.context import EarlyStopDecision
 from engine.errors import Interrupted, RunFailed
-from engine.schema import opt
 from engine.testing import inline_plugin, run_recipe, tiny_recipe
 from tests.conftest import REPO
 
@@ -90,37 +87,6 @@ class Poison:
                 next(p for p in context.model.parameters() if p.requires_grad).view(-1)[0] = float("nan")
 
 
-class Patience:
-    """Early stopping: stop after `patience` evaluations without an improvement of at least min_delta."""
-
-    @dataclass
-    class Options:
-        patience: int = opt(2, "evaluations without improvement before stopping", min=1)
-        min_delta: float = opt(0.0, "smallest decrease of val_loss that counts as an improvement", min=0.0)
-
-    decisions: list = []
-
-    def __init__(self, options):
-        self.options, self.best, self.bad = options, None, 0
-
-    @hookimpl
-    def early_stopping_check(self, metrics, step):
-        value = metrics["val_loss"]
-        improved = self.best is None or value < self.best - self.options.min_delta
-        self.best, self.bad = (value, 0) if improved else (self.best, self.bad + 1)
-        stop = self.bad >= self.options.patience
-        Patience.decisions.append((step, value, improved, self.bad, stop))
-        return EarlyStopDecision(improved, stop, f"no improvement in {self.bad} evaluations")
-
-    @hookimpl
-    def plugin_state(self):
-        return {"best": self.best, "bad": self.bad}
-
-    @hookimpl
-    def load_plugin_state(self, state):
-        self.best, self.bad = state["best"], state["bad"]
-
-
 class Captured:
     """Keeps the trainable weights the model holds in memory when training ends."""
 
@@ -136,8 +102,7 @@ class Captured:
 @pytest.fixture(scope="module", autouse=True)
 def test_plugins():
     with inline_plugin("callback", "term", Term), inline_plugin("callback", "recorder", Recorder), \
-            inline_plugin("callback", "poison", Poison), inline_plugin("callback", "captured", Captured), \
-            inline_plugin("early_stopping", "patience", Patience):
+            inline_plugin("callback", "poison", Poison), inline_plugin("callback", "captured", Captured):
         yield
 
 
@@ -263,6 +228,7 @@ def wait_for_lines(proc: subprocess.Popen, path: Path, n: int, timeout: float = 
 
 
 # ------------------------------------------------------------------ 1. exact resume
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [PER_EPOCH, 7, 2 * PER_EPOCH + 5], ids=["epoch-boundary", "mid-epoch", "later-epoch"])
 def test_exact_resume_weights_optimizer_and_logged_losses(tmp_path, reference, k):
     recipe = recipe_for(tmp_path)
@@ -278,6 +244,7 @@ def test_exact_resume_weights_optimizer_and_logged_losses(tmp_path, reference, k
     assert records(run) == reference["records"]  # every logged loss, lr, eval: no line missing or repeated
 
 
+@pytest.mark.slow
 def test_resume_from_an_older_checkpoint_path_rewinds_the_logs(tmp_path, reference):
     """A path picks that checkpoint; the lines logged after it are cut, so none is repeated."""
     recipe = recipe_for(tmp_path)
@@ -291,6 +258,7 @@ def test_resume_from_an_older_checkpoint_path_rewinds_the_logs(tmp_path, referen
 
 
 # ------------------------------------------------------------------ 3. the samples seen
+@pytest.mark.slow
 def test_samples_seen_across_interruptions_equal_the_uninterrupted_sequence(tmp_path, reference):
     recipe = recipe_for(tmp_path)
     Recorder.rows = []
@@ -305,6 +273,7 @@ def test_samples_seen_across_interruptions_equal_the_uninterrupted_sequence(tmp_
 
 
 # ------------------------------------------------------------------ 2. kill -9
+@pytest.mark.slow
 def test_kill_9_at_random_moments_and_mid_checkpoint_then_resume_auto(tmp_path, reference):
     recipe = recipe_for(tmp_path, callbacks=(), keep_checkpoints=1)
     path = write_recipe(tmp_path, recipe)
@@ -335,6 +304,7 @@ def test_kill_9_at_random_moments_and_mid_checkpoint_then_resume_auto(tmp_path, 
 
 
 # ------------------------------------------------------------------ 4. failure part-way through a checkpoint
+@pytest.mark.slow
 def test_disk_full_mid_checkpoint_exits_1_naming_the_path_and_keeps_the_previous(tmp_path, reference, monkeypatch, capsys):
     recipe = recipe_for(tmp_path, callbacks=(), keep_checkpoints=1)
     path = write_recipe(tmp_path, recipe)
@@ -365,6 +335,7 @@ def test_disk_full_mid_checkpoint_exits_1_naming_the_path_and_keeps_the_previous
 
 
 # ------------------------------------------------------------------ 5. SIGTERM and Ctrl-C
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_exits_143_and_resume_reaches_the_same_weights(tmp_path, reference):
     """A real process gets SIGTERM part-way through training."""
     recipe = recipe_for(tmp_path, callbacks=(), log_every_steps=1)
@@ -484,23 +455,37 @@ def lora_recipe(folder: Path, model_dir: Path) -> dict:
     return recipe
 
 
+def patience_judgements(evals: list[dict], min_delta: float = 0.02) -> list[tuple[int, float, int]]:
+    """(step, best so far, evaluations without improvement) after each evaluation, as patience documents it."""
+    best, bad, out = None, 0, []
+    for e in evals:
+        if best is None or e["val_loss"] < best - min_delta:
+            best, bad = e["val_loss"], 0
+        else:
+            bad += 1
+        out.append((e["step"], best, bad))
+    return out
+
+
+@pytest.mark.slow
 def test_early_stopping_state_survives_resume_and_run_ends_with_best_weights(tmp_path, tiny_model_dir):
-    Patience.decisions = []
+    """The built-in patience plugin, its state through a real checkpoint (plugins file) and back."""
     ref = run_recipe(lora_recipe(tmp_path / "ref", tiny_model_dir))
-    ref_decisions, ref_weights = list(Patience.decisions), dict(Captured.weights)
+    ref_evals = [r for r in records(tmp_path / "ref" / "run") if r["phase"] == "eval"]
+    ref_weights = dict(Captured.weights)
     assert ref["stopped_early"] and ref["best_step"] < ref["steps"]
+    judged = patience_judgements(ref_evals)
+    assert judged[-1][2] == 2 and judged[-1][0] == ref["steps"]  # it stopped at the second evaluation without improvement
     # interrupt right after the first evaluation that did not improve (the counter is 1)
-    first_bad = next(step for step, _, _, bad, stop in ref_decisions if bad == 1 and not stop)
+    first_bad, best_so_far, _ = next(j for j in judged if j[2] == 1)
     recipe = lora_recipe(tmp_path / "int", tiny_model_dir)
-    Patience.decisions = []
     interrupt(recipe, {first_bad})
     run = tmp_path / "int" / "run"
     saved = torch.load(checkpoint.newest(run) / checkpoint.PLUGINS_FILE, weights_only=True)["patience"]
-    best_so_far = [value for step, value, improved, _, _ in ref_decisions if improved and step < first_bad][-1]
-    assert saved == {"best": best_so_far, "bad": 1}
+    assert saved == {"best": best_so_far, "bad_evals": 1}
     summary = resume(recipe)
-    assert Patience.decisions == ref_decisions  # same judgements, same stop: counter and best survived
-    assert (summary["steps"], summary["best_step"]) == (ref["steps"], ref["best_step"])
+    assert [r for r in records(run) if r["phase"] == "eval"] == ref_evals
+    assert (summary["steps"], summary["best_step"]) == (ref["steps"], ref["best_step"])  # same stop: counter and best survived
     best = run / "checkpoints" / checkpoint.name_for(summary["best_step"])
     assert best.exists()  # kept although keep_checkpoints = 1
     assert any("lora_" in name for name in Captured.weights)

@@ -47,7 +47,7 @@ def test_readme_links_every_docs_page_and_stays_short():
 def test_links_between_pages_resolve():
     for page in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
         text = page.read_text(encoding="utf-8")
-        for target in re.findall(r"\]\(([^)#\s]+\.md)(?:#[\w-]+)?\)", text):
+        for target in re.findall(r"\]\(([^)#\s:]+\.(?:md|png))(?:#[\w-]+)?\)", text):
             assert (page.parent / target).is_file(), f"{page.name} links {target}, which does not exist"
 
 
@@ -55,7 +55,7 @@ def test_readme_command_table_has_no_broken_rows():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     table = readme.split("| command | what it does |", 1)[1].split("\n\n", 1)[0]
     commands = [row for row in table.splitlines() if row.startswith("| `python -m engine")]
-    for name in ("check", "plugins", "generate", "eval", "merge", "runs", "bench"):
+    for name in ("check", "plugins", "generate", "eval", "merge", "runs", "bench", "push"):
         assert any(row.startswith(f"| `python -m engine {name}") for row in commands), name
 
 

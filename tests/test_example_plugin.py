@@ -46,6 +46,7 @@ def test_docs_show_the_example_package_file_for_file():
     assert blocks == files
 
 
+@pytest.mark.slow
 def test_plugins_command_lists_the_installed_example_beside_builtins(example_env):
     result = run_cli("plugins", env=example_env)
     assert result.returncode == 0, result.stderr
@@ -57,6 +58,7 @@ def test_plugins_command_lists_the_installed_example_beside_builtins(example_env
     assert "Replaces a share of the words of a training document with a mask word." in result.stdout
 
 
+@pytest.mark.slow
 def test_recipe_selects_the_example_plugins_and_each_takes_effect(tmp_path, example_env):
     recipe = tiny_recipe(
         tmp_path,
@@ -99,6 +101,7 @@ def test_recipe_selects_the_example_plugins_and_each_takes_effect(tmp_path, exam
     assert "." in tokenizer.decode(plain[0, ids["input_ids"].shape[1]:])  # without the ban it would appear
 
 
+@pytest.mark.slow
 def test_invalid_option_of_the_example_names_plugin_and_package(tmp_path, example_env):
     path = write_recipe(tiny_recipe(tmp_path, augmentations=["mask_words"]), tmp_path / "r.toml")
     result = run_cli("check", str(path), "mask_words.rate=2", "mask_words.mask=3", env=example_env)

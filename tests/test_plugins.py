@@ -53,6 +53,18 @@ def test_inline_plugin_is_selected_configured_and_called(tmp_path):
         run_recipe(tiny_recipe(tmp_path / "again", sinks=["recorder"]))  # gone after the with-block
 
 
+def test_inline_plugin_may_not_shadow_an_installed_one():
+    class Impostor:
+        """Would replace the built-in early stopping."""
+
+    from engine import manager
+
+    with pytest.raises(ValueError, match="plugin name 'patience' is taken by the installed plugin early_stopping.patience from tunesmith"):
+        with inline_plugin("early_stopping", "patience", Impostor):
+            pass
+    assert manager.discover()[0]["patience"].package == "tunesmith"  # the built-in is still the one selected
+
+
 def test_wrong_kind_and_missing_hook_are_clear_errors(tmp_path):
     class NotAnOptimizer:
         """Has no create_optimizer."""
@@ -102,6 +114,7 @@ def test_broken_third_party_plugin_breaks_only_recipes_selecting_it(tmp_path):
     assert "brokenpkg 1.2.3" in listing.stdout and "fails to import" in listing.stdout
 
 
+@pytest.mark.slow
 def test_third_party_hook_with_wrong_signature_names_its_package(tmp_path):
     root = fake_package(
         tmp_path / "site", "sigpkg", {"sink.badsig": "sigmod:BadSig"},
@@ -124,6 +137,7 @@ def test_third_party_hook_with_wrong_signature_names_its_package(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_third_party_plugin_from_entry_point_runs(tmp_path):
     root = fake_package(
         tmp_path / "site", "countpkg", {"callback.counter": "countmod:Counter"},

@@ -11,7 +11,8 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.testing import run_recipe, tiny_recipe, write_corpus
+from engine import hookimpl
+from engine.testing import inline_plugin, run_recipe, tiny_recipe, write_corpus
 from tests.conftest import REPO, run_cli
 
 
@@ -25,6 +26,7 @@ def unigram_perplexity(tokenizer, train_docs, val_docs):
     return math.exp(nll)
 
 
+@pytest.mark.slow
 def test_quickstart_recipe_as_shipped(tmp_path):
     """The README's quickstart: trains from scratch offline, beats a unigram model by far, prints a sample."""
     out = tmp_path / "quickstart"
@@ -51,6 +53,7 @@ def test_quickstart_recipe_as_shipped(tmp_path):
     assert text.startswith("At noon, Tom") and len(text) > len("At noon, Tom") + 10
 
 
+@pytest.mark.slow
 def test_accelerate_launch_one_process_writes_run_folder(tmp_path):
     out = tmp_path / "run"
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
@@ -66,6 +69,7 @@ def test_accelerate_launch_one_process_writes_run_folder(tmp_path):
     assert [e["step"] for e in evals] == [3, 6]
 
 
+@pytest.mark.slow
 def test_lora_recipe_on_local_model_loads_with_peft(tiny_model_dir, tmp_path):
     corpus = write_corpus(tmp_path / "text.txt", n_documents=200)
     out = tmp_path / "lora-run"
@@ -94,6 +98,7 @@ def test_lora_recipe_on_local_model_loads_with_peft(tiny_model_dir, tmp_path):
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_overwritten_unless_asked(tmp_path):
     recipe = tiny_recipe(tmp_path)
     run_recipe(recipe)
@@ -116,6 +121,7 @@ def _step_losses(out):
     return [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"phase": "train"' in l]
 
 
+@pytest.mark.slow
 def test_token_weighted_loss_batch_times_accumulation_equivalence(tmp_path):
     """8 x 1, 4 x 2 and 2 x 4 give the same per-step losses and weights, on documents of uneven length."""
     results = {}
@@ -138,24 +144,76 @@ def test_token_weighted_loss_batch_times_accumulation_equivalence(tmp_path):
             torch.testing.assert_close(weights[name], w, atol=1e-5, rtol=0, msg=f"{key} {name}")
 
 
-def test_mean_of_micro_batch_means_would_differ(tmp_path):
-    """The data used above is uneven enough that the per-micro-batch-mean bug would show."""
-    from engine import data as data_mod
-    from engine.model import train_tokenizer
+class FirstStep:
+    """Keeps the initial weights, the micro-batches of step 1 as the model saw them, and step 1's logged loss."""
 
-    corpus = write_corpus(tmp_path / "c.txt")
-    docs = [d for d in corpus.read_text().split("\n\n") if d.strip()]
-    tok = train_tokenizer(docs, 300)
-    blocks = data_mod.build_blocks(docs, tok, 48, packing=False)
-    lengths = {len(b) for b in blocks}
-    assert len(lengths) > 5
+    initial: dict = {}
+    batches: list = []
+    loss: float = 0.0
+
+    @hookimpl
+    def on_train_start(self, context):
+        model = context.accelerator.unwrap_model(context.model)
+        FirstStep.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        FirstStep.batches = []
+
+        def record(module, args, kwargs):
+            if module.training and context.state.step == 0:
+                FirstStep.batches.append({k: kwargs[k].detach().clone() for k in ("input_ids", "attention_mask")})
+
+        model.register_forward_pre_hook(record, with_kwargs=True)
+
+    @hookimpl
+    def on_step_end(self, context, metrics):
+        if context.state.step == 1:
+            FirstStep.loss = metrics["loss"]
 
 
+def test_step_loss_is_token_weighted_not_a_mean_of_micro_batch_means(tmp_path):
+    """Step 1 of a 4 x 2 run on documents of uneven length: the engine's loss is the token-weighted mean over
+    both micro-batches, and the mean of the two micro-batch means differs by far more than the 1e-5 the
+    accumulation test above allows (so that test would catch the bug)."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = tiny_recipe(tmp_path, callbacks=["first_step"], data={"packing": False, "max_length": 48},
+                         train={"batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 1, "seed": 3})
+    recipe["model"]["config"].update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    with inline_plugin("callback", "first_step", FirstStep):
+        run_recipe(recipe)
+    assert len(FirstStep.batches) == 2
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    model.load_state_dict(FirstStep.initial)
+    model.eval()
+    nats, tokens, means = 0.0, 0, []
+    with torch.no_grad():
+        for batch in FirstStep.batches:
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            n = int((labels[:, 1:] != -100).sum())
+            loss = model(**batch, labels=labels).loss.item()
+            nats, tokens = nats + loss * n, tokens + n
+            means.append(loss)
+    assert len({int(b["attention_mask"].sum()) for b in FirstStep.batches}) == 2  # uneven micro-batches
+    assert FirstStep.loss == pytest.approx(nats / tokens, abs=1e-5)
+    assert abs(sum(means) / len(means) - nats / tokens) > 1e-4
+
+
+@pytest.mark.slow
 def test_generate_command_continues_a_prompt(tmp_path):
+    """The command a user types, as a subprocess: the text is transformers' sample at the same seed."""
+    from transformers import set_seed
+
+    from engine.model import load_trained
+
     run_recipe(tiny_recipe(tmp_path))
     result = run_cli("generate", str(tmp_path / "run"), "--prompt", "The harbour", "--seed", "1", "sampling.max_new_tokens=10")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("The harbour") and len(result.stdout.strip()) > len("The harbour")
+    model, tokenizer = load_trained(tmp_path / "run" / "final")
+    enc = tokenizer("The harbour", return_tensors="pt")
+    set_seed(1)
+    ids = model.generate(**enc, do_sample=True, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1,
+                         no_repeat_ngram_size=2, max_new_tokens=10, pad_token_id=tokenizer.pad_token_id)
+    continuation = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert continuation.strip() and result.stdout.rstrip("\n") == "The harbour" + continuation
 
 
 def test_runs_in_one_process_each_get_their_own_precision(tmp_path, capsys):

@@ -10,7 +10,7 @@ import torch
 
 from engine.testing import run_recipe, tiny_recipe, write_corpus
 from engine import cli
-from tests.conftest import run_cli
+from tests.conftest import direct_val_numbers, run_cli
 
 PROMPTS = ["The harbour", "A small boat"]
 
@@ -153,6 +153,25 @@ def direct_numbers(model, tokenizer, text, max_length):
             nats += model(window, labels=window).loss.item() * n
             tokens += n
     return nats / tokens, tokens, nats / (len(text) + 1) / math.log(2)
+
+
+def test_in_run_evaluation_numbers_equal_an_independent_computation(cli_run):
+    """The run's last evaluation (metrics.json, final weights) against transformers' own loss over the
+    validation documents, windows overlapping by one token: val_loss, perplexity = exp(val_loss), val_bpc."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine import data as data_mod
+    from engine import recipe as recipe_mod
+
+    out, _ = cli_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    val_docs = data_mod.split_documents(recipe_mod.load(out / "recipe.toml")).val  # which documents: the run's split
+    model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    nats, tokens, characters = direct_val_numbers(model, tokenizer, val_docs, 32)
+    assert metrics["val_loss"] == pytest.approx(nats / tokens, rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(nats / tokens), rel=1e-5)
+    assert metrics["val_bpc"] == pytest.approx(nats / characters / math.log(2), rel=1e-5)
 
 
 def eval_json(capsys, *args):

@@ -1,6 +1,6 @@
 """Benchmark 3: memory on CPU, measured exactly rather than by process size.
 
-    python -m engine.benchmarks.memory [--seq 512] [--batch 4] [--layers 6] [--json PATH]
+    python -m engine.benchmarks.memory [--seq 512] [--batch 4] [--layers 6] [--part all|design|qlora] [--json PATH]
 
 The distilgpt2 architecture (GPT2Config(n_layer=6): 768 wide, 12 heads, vocab 50257) is built from
 its config (no download) at the original design's settings, seq 512 x batch 4, fp32 on CPU.
@@ -15,6 +15,13 @@ its config (no download) at the original design's settings, seq 512 x batch 4, f
    bitsandbytes AdamW8bit, for full fine-tuning of the whole model (LoRA's state is a few MB either way).
 
 The design promised -50% activations from checkpointing and -75% optimizer state from 8-bit AdamW.
+
+3. QLoRA (--part qlora; engine/benchmarks/qlora_memory.py): bytes per parameter of the base weights in
+   fp32, bf16, 8 and 4 bits (with and without double quantization), measured by quantizing with
+   bitsandbytes; adapter, gradient and optimizer-state bytes counted on models built on the meta
+   device (distilgpt2 and Llama-style shapes from 1B to 70B, never trained); saved activations per
+   token with checkpointing, measured on a 4-bit base of the 1B width; and from those the largest
+   model that fits 24 GiB and 80 GiB at seq 2048, batch 1.
 """
 
 from __future__ import annotations
@@ -98,8 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--layers", type=int, default=6, help="GPT-2 layers (6: distilgpt2)")
     ap.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    ap.add_argument("--part", choices=("all", "design", "qlora"), default="design", help="design (default): activations and optimizer state of the design's setting; qlora: the QLoRA tables; all: both")
+    ap.add_argument("--act-seq", type=int, default=256, help="tokens of the QLoRA activation measurement (per-token costs)")
+    ap.add_argument("--tiny", action="store_true", help="QLoRA part at a tiny width (checks the plumbing quickly)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(True)
+    result: dict[str, Any] = {"settings": vars(args)}
+    if args.part in ("all", "qlora"):
+        from engine.benchmarks import qlora_memory
+
+        result["qlora"] = qlora_memory.run(args.act_seq, args.tiny)
+    if args.part == "qlora":
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                json.dump(result, fh, indent=2)
+        return 0
 
     acts = activations(args.seq, args.batch, args.layers)
     base = acts[0]["bytes"]
@@ -119,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'torch AdamW (fp32)':<28}{mib(adamw):>14}{adamw / n:>13.2f}{0:>+10.1%}{'':>10}")
     print(f"{'bitsandbytes AdamW8bit':<28}{mib(adam8):>14}{adam8 / n:>13.2f}{(adam8 - adamw) / adamw:>+10.1%}{'-75%':>10}")
     if args.json:
-        result = {"settings": vars(args), "activations": acts, "optimizer": {"parameters": n, "adamw_bytes": adamw, "adamw8bit_bytes": adam8,
+        result |= {"activations": acts, "optimizer": {"parameters": n, "adamw_bytes": adamw, "adamw8bit_bytes": adam8,
                   "change": (adam8 - adamw) / adamw}, "promised": {"checkpointing": -0.5, "adamw8bit": -0.75}}
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=2)

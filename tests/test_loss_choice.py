@@ -1,0 +1,111 @@
+"""train.chunked_loss: fused, plain or chunked, chosen automatically (engine.loss.choose) and all exact."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from engine import loss as loss_mod
+from engine.errors import UserError
+
+
+def tiny_model(vocab=128):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=vocab, bos_token_id=0,
+                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def test_auto_takes_plain_logits_when_they_fit_and_chunks_when_they_do_not(monkeypatch):
+    model, cpu = tiny_model(), torch.device("cpu")
+    way, why = loss_mod.choose("auto", model, cpu, 4, 32, half=False)
+    assert way == "plain" and "auto" in why and "quarter" in why
+    monkeypatch.setattr(loss_mod, "memory_of", lambda device: 4 * loss_mod.logits_bytes(4, 32, 128, False) - 1)
+    way, why = loss_mod.choose("auto", model, cpu, 4, 32, half=False)
+    assert way == "chunked" and "over a quarter" in why
+    assert loss_mod.choose("chunked", model, cpu, 4, 32, half=False)[0] == "chunked"  # asked for: kept
+    assert loss_mod.choose("plain", model, cpu, 10**6, 32, half=False)[0] == "plain"
+
+
+def test_auto_takes_the_fused_kernel_where_it_is_available(monkeypatch):
+    monkeypatch.setattr(loss_mod, "fused_available", lambda device: True)
+    way, why = loss_mod.choose("auto", tiny_model(), torch.device("cpu"), 4, 32, half=True)
+    assert way == "fused" and "liger-kernel" in why
+
+
+def test_fused_without_a_gpu_or_liger_is_refused_naming_the_key():
+    with pytest.raises(UserError, match=r'train.chunked_loss: "fused" needs liger-kernel and a CUDA GPU \(this run is on cpu'):
+        loss_mod.choose("fused", tiny_model(), torch.device("cpu"), 4, 32, half=False)
+
+
+def test_recipe_takes_the_choices_and_names_the_key_on_a_bad_one():
+    from engine.recipe import from_dict
+
+    base = {"data": {"train": "x.txt"}}
+    assert from_dict({**base, "train": {"chunked_loss": "plain"}}, "r.toml").train.chunked_loss == "plain"
+    assert from_dict(base, "r.toml").train.chunked_loss == "auto"
+    with pytest.raises(UserError, match="r.toml: train.chunked_loss: expected"):
+        from_dict({**base, "train": {"chunked_loss": True}}, "r.toml")
+
+
+def fake_liger(monkeypatch):
+    """liger_kernel.transformers.LigerFusedLinearCrossEntropyLoss as plain torch: tests the engine's plumbing
+    (hidden states, shift, bias, sum over targets); the real kernel is compared in the gpu-marked test."""
+    class Loss(torch.nn.Module):
+        def __init__(self, ignore_index=-100, reduction="mean"):
+            super().__init__()
+            self.ignore_index, self.reduction = ignore_index, reduction
+
+        def forward(self, weight, hidden, target, bias=None):
+            logits = torch.nn.functional.linear(hidden, weight, bias).float()
+            return torch.nn.functional.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction=self.reduction)
+
+    package = types.ModuleType("liger_kernel")
+    sub = types.ModuleType("liger_kernel.transformers")
+    sub.LigerFusedLinearCrossEntropyLoss = Loss
+    package.transformers = sub
+    monkeypatch.setitem(sys.modules, "liger_kernel", package)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", sub)
+
+
+def batch(vocab=128):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (3, 16), generator=g)
+    labels = ids.clone()
+    labels[2, 10:] = -100  # padding is never a target
+    return {"input_ids": ids, "attention_mask": (labels != -100).long(), "labels": labels}
+
+
+@pytest.mark.parametrize("way", ["fused", "chunked"])
+def test_every_way_gives_the_plain_loss_and_gradients(monkeypatch, way):
+    fake_liger(monkeypatch)
+    b = batch()
+    results = {}
+    for name in ("plain", way):
+        model = tiny_model()
+        loss, n = loss_mod.token_loss_sum(model, b, name)
+        loss.backward()
+        results[name] = (loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()})
+    assert int(n) == 3 * 15 - 6
+    torch.testing.assert_close(results[way][0], results["plain"][0], rtol=1e-5, atol=1e-5)
+    for key, grad in results["plain"][1].items():
+        torch.testing.assert_close(results[way][1][key], grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_liger_fused_loss_equals_the_plain_loss_on_cuda():
+    pytest.importorskip("liger_kernel")
+    b = {k: v.cuda() for k, v in batch().items()}
+    results = {}
+    for name in ("plain", "fused"):
+        model = tiny_model().cuda()
+        loss, _ = loss_mod.token_loss_sum(model, b, name)
+        loss.backward()
+        results[name] = (loss.detach(), model.lm_head.weight.grad.clone())
+    torch.testing.assert_close(results["fused"][0], results["plain"][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results["fused"][1], results["plain"][1], rtol=1e-3, atol=1e-5)

@@ -1,0 +1,348 @@
+"""The optimizer step (engine/step.py): exact token-weighted updates, non-finite steps skipped without a host
+sync, and a guard that fails the moment anything in the step reads a value back from the device."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import pytest
+import torch
+
+from engine import model as model_mod
+from engine import step as step_mod
+from engine.loss import token_loss_sum
+
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+class SyncInStep(AssertionError):
+    pass
+
+
+_allowed = threading.local()
+
+
+@contextlib.contextmanager
+def reads_allowed():
+    _allowed.depth = getattr(_allowed, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _allowed.depth -= 1
+
+
+@contextlib.contextmanager
+def no_device_reads():
+    """Every way of reading a tensor's value on the host raises in the main thread (on CPU nothing would sync,
+    so this stands in for torch.cuda.set_sync_debug_mode("error"), which the gpu-marked test uses). The batch
+    feeder's thread works on host tensors and may read them; code inside reads_allowed() may too."""
+    saved = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            if threading.current_thread() is threading.main_thread() and not getattr(_allowed, "depth", 0):
+                raise SyncInStep(f"Tensor.{name}() inside the step: a host-device sync")
+            return saved[name](self, *args, **kwargs)
+        return method
+
+    for name in READS:
+        setattr(torch.Tensor, name, refuse(name))
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def tiny_setup(fused=True, on_nan="skip", max_grad_norm=1.0, vocab=96):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=vocab, bos_token_id=0, eos_token_id=0,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    model_mod.skip_padding_check(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = step_mod.OptimizerStep(model, optimizer, scheduler, accelerator, lambda m, b: token_loss_sum(m, b, False)[0],
+                                  max_grad_norm, on_nan)
+    return model, step
+
+
+def batches(n=2, seed=0, vocab=96):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (2, 16), generator=g)
+        out.append({"input_ids": ids, "labels": ids.clone()})  # no padding: no mask (as engine.feed leaves it)
+    return out
+
+
+def tokens_of(bs):
+    return sum(int((b["labels"][:, 1:] != -100).sum()) for b in bs)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def poisoned(model):
+    """A forward hook that makes the logits NaN."""
+    def hook(module, args, kwargs, output):
+        output.logits = output.logits * float("nan")
+        return output
+    return model.register_forward_hook(hook, with_kwargs=True)
+
+
+def test_the_step_reads_nothing_back_from_the_device_and_the_loss_falls():
+    model, step = tiny_setup()
+    assert step.sync_free
+    data, n = batches(), tokens_of(batches())  # counted on the host, before the step
+    outputs = []
+    with no_device_reads():
+        for _ in range(6):
+            outputs.append(step(data, n))
+    losses = [float(o.loss) for o in outputs]
+    assert losses[-1] < losses[0] - 0.1
+    assert all(bool(o.finite) for o in outputs)
+
+
+def test_the_guard_catches_a_sync_added_to_the_step():
+    model, step = tiny_setup()
+    real = step.loss_fn
+    step.loss_fn = lambda m, b: real(m, b) * (1.0 if real(m, b).item() else 1.0)  # a sync someone might add
+    data, n = batches(), tokens_of(batches())
+    with no_device_reads(), pytest.raises(SyncInStep, match="item"):
+        step(data, n)
+
+
+def test_the_step_takes_the_gradient_of_the_token_mean_over_its_micro_batches():
+    """Two micro-batches of 2 give the gradient of one batch of 4: the mean over all target tokens of the step."""
+    model_a, step_a = tiny_setup()
+    data = batches(2)
+    step_a.forward_backward(data, tokens_of(data))
+    model_b, step_b = tiny_setup()
+    whole = [{k: torch.cat([b[k] for b in data]) for k in data[0]}]
+    step_b.forward_backward(whole, tokens_of(whole))
+    grads_b = {n: p.grad for n, p in model_b.named_parameters()}
+    for name, p in model_a.named_parameters():
+        torch.testing.assert_close(p.grad, grads_b[name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("on_nan", ["skip", "stop"])
+def test_a_non_finite_step_changes_nothing_without_a_sync(on_nan):
+    model, step = tiny_setup(on_nan=on_nan)
+    data, n = batches(), tokens_of(batches())
+    step(data, n)
+    before = snapshot(model)
+    state_before = {k: v.clone() if torch.is_tensor(v) else v
+                    for k, v in step_mod.inner_optimizer(step.optimizer).state[next(model.parameters())].items()}
+    handle = poisoned(model)
+    with no_device_reads():
+        bad = step(data, n)
+    handle.remove()
+    assert not bool(bad.finite) and torch.isnan(bad.loss)
+    for name, value in snapshot(model).items():
+        assert torch.equal(value, before[name]), name
+    state_after = step_mod.inner_optimizer(step.optimizer).state[next(model.parameters())]
+    for key, value in state_before.items():
+        assert torch.equal(state_after[key], value), key  # moments and step count untouched
+    with no_device_reads():
+        good = step(data, n)
+    moved = any(not torch.equal(v, before[n]) for n, v in snapshot(model).items())
+    if on_nan == "skip":
+        assert bool(good.finite) and moved  # training goes on
+    else:
+        assert not bool(good.finite) and not moved  # sticky: nothing updates until the loop stops the run
+
+
+def test_an_optimizer_without_found_inf_reads_the_flag_on_the_host():
+    model, step = tiny_setup(fused=False, on_nan="stop")
+    assert not step.sync_free
+    data = batches()
+    handle = poisoned(model)
+    with pytest.raises(step_mod.NonFiniteStep):
+        step(data, tokens_of(data))
+    handle.remove()
+
+
+def allow_reads_in(monkeypatch, owner, name):
+    real = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        with reads_allowed():
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+class GuardFromFirstStep:
+    """From on_train_start to on_train_end, any host read in the main thread raises."""
+
+    guard: contextlib.ExitStack | None = None
+    steps: list = []
+    step_metrics_on_device = True  # else the engine reads the step's loss every step to hand over floats
+
+    def on_train_start(self, context):
+        GuardFromFirstStep.guard = contextlib.ExitStack()
+        GuardFromFirstStep.guard.enter_context(no_device_reads())
+
+    def on_step_end(self, context, metrics):
+        GuardFromFirstStep.steps.append((context.state.step, type(metrics["loss"]).__name__))
+
+    def on_train_end(self, context, summary):
+        GuardFromFirstStep.guard.close()
+
+
+def test_the_training_loop_reads_the_device_only_at_log_evaluation_and_checkpoint_steps(tmp_path, monkeypatch):
+    """A whole run under the guard: the steps between log steps read nothing; the reads happen in the
+    metrics read-out (step.Unread.read), evaluation, checkpoints and the final save."""
+    from engine import checkpoint, loop, step
+    from engine.hookspecs import hookimpl
+    from engine.testing import inline_plugin, run_recipe, tiny_recipe
+
+    from engine import data as data_mod
+
+    for owner, name in ((step.Unread, "read"), (loop, "evaluate"), (loop, "save_model"), (checkpoint, "write")):
+        allow_reads_in(monkeypatch, owner, name)
+    # A batch with padding carries an attention mask, and transformers reads that back to choose its causal
+    # fast path (with packing: the one short block of an epoch). Keep the short block out of this run.
+    pack = data_mod.pack
+    monkeypatch.setattr(data_mod, "pack", lambda seqs, n, stride=None: [b for b in pack(seqs, n, stride) if len(b) == n])
+    plugin = type("Guard", (), {k: hookimpl(v) for k, v in vars(GuardFromFirstStep).items() if k.startswith("on_")})
+    plugin.step_metrics_on_device = True
+    recipe = tiny_recipe(tmp_path, callbacks=["guard"])
+    recipe["train"].update(max_steps=8, log_every_steps=4, save_every_steps=4, epochs=1)
+    GuardFromFirstStep.steps = []
+    try:
+        with inline_plugin("callback", "guard", plugin):
+            summary = run_recipe(recipe)
+    finally:
+        if GuardFromFirstStep.guard is not None:
+            GuardFromFirstStep.guard.close()
+    assert summary["steps"] == 8 and summary["train_loss"] == summary["train_loss"]  # finite
+    # between log steps the hook gets the loss as a device tensor (reading it is the plugin's choice)
+    assert [kind for _, kind in GuardFromFirstStep.steps] == ["Tensor", "Tensor", "Tensor", "float"] * 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_sync_in_the_step_on_cuda():
+    """torch.cuda.set_sync_debug_mode("error") raises on any synchronising call during the step."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision="bf16")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=256))
+    model_mod.skip_padding_check(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = step_mod.OptimizerStep(model, optimizer, scheduler, accelerator, lambda m, b: token_loss_sum(m, b, False)[0], 1.0, "stop")
+    data = [{k: v.to("cuda") for k, v in b.items()} for b in batches(2, vocab=256)]
+    n = tokens_of(batches(2, vocab=256))
+    step(data, n)  # warm-up: lazy state, cuBLAS handles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            out = step(data, n)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert bool(out.finite)
+
+
+def test_a_plugin_that_reads_on_step_end_gets_floats_every_step(tmp_path):
+    """The hook's contract without step_metrics_on_device: floats, read from the device every step."""
+    from engine.hookspecs import hookimpl
+    from engine.testing import inline_plugin, run_recipe, tiny_recipe
+
+    kinds = []
+
+    class Reader:
+        @hookimpl
+        def on_step_end(self, context, metrics):
+            kinds.append((type(metrics["loss"]).__name__, type(metrics["grad_norm"]).__name__))
+
+    recipe = tiny_recipe(tmp_path, callbacks=["reader"])
+    recipe["train"].update(max_steps=4, log_every_steps=4)
+    with inline_plugin("callback", "reader", Reader):
+        run_recipe(recipe)
+    assert kinds == [("float", "float")] * 4
+
+
+def test_fp16_with_grad_scaler_skips_a_non_finite_step_without_a_sync():
+    """fp16's GradScaler (CPU stand-in: torch.amp.GradScaler("cpu")): the step's non-finite flag joins the
+    scaler's found_inf, the fused kernel skips the update, the scale backs off, and training goes on."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=16.0)  # what Accelerate builds for fp16 on CUDA
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=96, bos_token_id=0,
+                                       eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = step_mod.OptimizerStep(model, optimizer, scheduler, accelerator, lambda m, b: token_loss_sum(m, b, False)[0], 1.0, "skip")
+    data, n = batches(), tokens_of(batches())
+    with no_device_reads():
+        first = step(data, n)
+    before = snapshot(model)
+    handle = poisoned(model)
+    with no_device_reads():
+        bad = step(data, n)
+    handle.remove()
+    assert not bool(bad.finite) and all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+    assert accelerator.scaler.get_scale() == 8.0  # backed off, as after an overflow
+    with no_device_reads():
+        good = step(data, n)
+    assert bool(good.finite) and float(good.loss) < float(first.loss)
+
+
+def test_a_nan_found_at_the_next_read_stops_naming_its_step_and_writes_no_checkpoint_after_it(tmp_path, capsys):
+    """train.on_nan = "stop" without a read every step: step 5 goes NaN, nothing updates from then on, and the run
+    stops at step 6 (a checkpoint step, which reads the metrics first) naming step 5 and the checkpoint of step 4."""
+    from safetensors.torch import load_file
+
+    from engine import checkpoint
+    from engine.cli import main
+    from engine.hookspecs import hookimpl
+    from engine.testing import inline_plugin, tiny_recipe, write_recipe
+
+    class LatePoison:
+        step_metrics_on_device = True  # so the engine reads only at log, evaluation and checkpoint steps
+
+        @hookimpl
+        def on_train_start(self, context):
+            def poison(module, args, kwargs, output):
+                if module.training and context.state.step + 1 == 5:
+                    output.logits = output.logits * float("nan")
+                return output
+            context.model.register_forward_hook(poison, with_kwargs=True)
+
+    recipe = tiny_recipe(tmp_path, callbacks=["late_poison"])
+    recipe["train"].update(max_steps=12, log_every_steps=100, save_every_steps=2)
+    path = tmp_path / "recipe.toml"
+    write_recipe(recipe, path)
+    with inline_plugin("callback", "late_poison", LatePoison):
+        assert main(["train", str(path)]) == 1
+    err = capsys.readouterr().err
+    run = tmp_path / "run"
+    assert "training loss is nan" in err and "at step 5;" in err and "not updated from then on" in err
+    assert f"the last good checkpoint is {run / 'checkpoints' / checkpoint.name_for(4)}" in err
+    assert [step for step, _ in checkpoint.complete(run)] == [2, 4]
+    weights = load_file(run / "checkpoints" / checkpoint.name_for(4) / checkpoint.WEIGHTS_FILE)
+    assert all(torch.isfinite(t).all() for t in weights.values())
