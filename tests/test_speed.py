@@ -345,10 +345,13 @@ def test_gpu_benchmark_plumbing_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["smoke"] is True
-    shapes = {key: (results[key]["micro_batch"], results[key]["accumulation"]) for key in ("engine-a", "trainer-a", "engine-b", "trainer-b")}
-    assert shapes == {"engine-a": (4, 4), "trainer-a": (4, 4), "engine-b": (4, 1), "trainer-b": (4, 1)}, results
-    assert all(results[key]["tokens_per_second"] > 0 for key in shapes)
-    assert "SMOKE RUN ON CPU" in proc.stdout
+    runs = ("engine-a", "trainer-a-eager", "trainer-a-compiled", "engine-b", "trainer-b-eager", "trainer-b-compiled", "bare-b")
+    shapes = {key: (results[key]["micro_batch"], results[key]["accumulation"]) for key in runs}
+    assert shapes == {"engine-a": (4, 4), "trainer-a-eager": (4, 4), "trainer-a-compiled": (4, 4), "engine-b": (4, 1),
+                      "trainer-b-eager": (4, 1), "trainer-b-compiled": (4, 1), "bare-b": (4, 1)}, results
+    assert all(results[key]["tokens_per_second"] > 0 and "mfu" in results[key] for key in runs)  # MFU: NaN without a GPU
+    assert results["trainer-a"] in (results["trainer-a-eager"], results["trainer-a-compiled"])  # the faster counts
+    assert "SMOKE RUN ON CPU" in proc.stdout and "bare PyTorch, compiled (ceiling)" in proc.stdout
 
 
 def _llama3_style_tokenizer(text):

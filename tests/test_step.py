@@ -278,3 +278,71 @@ def test_a_plugin_that_reads_on_step_end_gets_floats_every_step(tmp_path):
     with inline_plugin("callback", "reader", Reader):
         run_recipe(recipe)
     assert kinds == [("float", "float")] * 4
+
+
+def test_fp16_with_grad_scaler_skips_a_non_finite_step_without_a_sync():
+    """fp16's GradScaler (CPU stand-in: torch.amp.GradScaler("cpu")): the step's non-finite flag joins the
+    scaler's found_inf, the fused kernel skips the update, the scale backs off, and training goes on."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=16.0)  # what Accelerate builds for fp16 on CUDA
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=96, bos_token_id=0,
+                                       eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = step_mod.OptimizerStep(model, optimizer, scheduler, accelerator, lambda m, b: token_loss_sum(m, b, False)[0], 1.0, "skip")
+    data, n = batches(), tokens_of(batches())
+    with no_device_reads():
+        first = step(data, n)
+    before = snapshot(model)
+    handle = poisoned(model)
+    with no_device_reads():
+        bad = step(data, n)
+    handle.remove()
+    assert not bool(bad.finite) and all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+    assert accelerator.scaler.get_scale() == 8.0  # backed off, as after an overflow
+    with no_device_reads():
+        good = step(data, n)
+    assert bool(good.finite) and float(good.loss) < float(first.loss)
+
+
+def test_a_nan_found_at_the_next_read_stops_naming_its_step_and_writes_no_checkpoint_after_it(tmp_path, capsys):
+    """train.on_nan = "stop" without a read every step: step 5 goes NaN, nothing updates from then on, and the run
+    stops at step 6 (a checkpoint step, which reads the metrics first) naming step 5 and the checkpoint of step 4."""
+    from safetensors.torch import load_file
+
+    from engine import checkpoint
+    from engine.cli import main
+    from engine.hookspecs import hookimpl
+    from engine.testing import inline_plugin, tiny_recipe, write_recipe
+
+    class LatePoison:
+        step_metrics_on_device = True  # so the engine reads only at log, evaluation and checkpoint steps
+
+        @hookimpl
+        def on_train_start(self, context):
+            def poison(module, args, kwargs, output):
+                if module.training and context.state.step + 1 == 5:
+                    output.logits = output.logits * float("nan")
+                return output
+            context.model.register_forward_hook(poison, with_kwargs=True)
+
+    recipe = tiny_recipe(tmp_path, callbacks=["late_poison"])
+    recipe["train"].update(max_steps=12, log_every_steps=100, save_every_steps=2)
+    path = tmp_path / "recipe.toml"
+    write_recipe(recipe, path)
+    with inline_plugin("callback", "late_poison", LatePoison):
+        assert main(["train", str(path)]) == 1
+    err = capsys.readouterr().err
+    run = tmp_path / "run"
+    assert "training loss is nan" in err and "at step 5;" in err and "not updated from then on" in err
+    assert f"the last good checkpoint is {run / 'checkpoints' / checkpoint.name_for(4)}" in err
+    assert [step for step, _ in checkpoint.complete(run)] == [2, 4]
+    weights = load_file(run / "checkpoints" / checkpoint.name_for(4) / checkpoint.WEIGHTS_FILE)
+    assert all(torch.isfinite(t).all() for t in weights.values())

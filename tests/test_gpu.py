@@ -1,0 +1,126 @@
+"""Checks that only mean something on a CUDA GPU (pytest -m gpu). Each skips without CUDA; CPU stand-ins of
+the same promises live in test_step.py, test_speed.py, test_loss_choice.py and test_feed.py."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from engine.testing import inline_plugin, run_recipe, tiny_recipe
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+WIDER = {"config": {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64,
+                    "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}}
+
+
+def losses(run_dir):
+    import json
+
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r.get("phase") == "train"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_tracks_the_fp32_losses(tmp_path, precision):
+    train = {"max_steps": 20, "batch_size": 8, "learning_rate": 1e-3, "log_every_steps": 1}
+    run_recipe(tiny_recipe(tmp_path / "fp32", model=WIDER, train={**train, "precision": "fp32"}))
+    run_recipe(tiny_recipe(tmp_path / precision, model=WIDER, train={**train, "precision": precision}))
+    full, half = losses(tmp_path / "fp32" / "run"), losses(tmp_path / precision / "run")
+    assert len(full) == len(half) == 20
+    assert half[-1] < half[0] - 0.5  # it learns
+    assert max(abs(a - b) for a, b in zip(full, half)) < 0.05 * max(full)  # and follows fp32 step by step
+
+
+def test_auto_batch_size_probes_real_out_of_memory(tmp_path, capsys):
+    """A memory cap makes the largest micro-batches really run out of CUDA memory; the run picks a smaller one."""
+    from engine.testing import write_corpus
+
+    corpus = write_corpus(tmp_path / "big.txt", n_documents=3000)
+    cap = 3 * 2**30 / torch.cuda.get_device_properties(0).total_memory  # 3 GiB for this process
+    model = {"config": {"model_type": "gpt2", "n_layer": 4, "n_head": 8, "n_embd": 1024, "n_positions": 512}}
+    torch.cuda.set_per_process_memory_fraction(cap)
+    try:
+        summary = run_recipe(tiny_recipe(tmp_path, model=model, data={"train": str(corpus), "max_length": 512},
+                                         train={"batch_size": 64, "gradient_accumulation_steps": 1, "auto_batch_size": True,
+                                                "max_steps": 2, "precision": "bf16", "chunked_loss": "plain"}))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    out = capsys.readouterr().out
+    micro = int(out.split("auto batch size: micro-batch ")[1].split()[0])
+    assert 1 <= micro < 64 and summary["steps"] == 2  # 64 did not fit in 3 GiB; training went on with less
+
+
+def test_compiled_step_never_recompiles_on_cuda(tmp_path):
+    from torch._dynamo.utils import counters
+
+    from engine.hookspecs import hookimpl
+
+    torch._dynamo.reset()
+    counters.clear()
+    seen = []
+
+    class Count:
+        step_metrics_on_device = True
+
+        @hookimpl
+        def on_step_end(self, context, metrics):
+            seen.append(counters["stats"]["unique_graphs"])
+
+    recipe = tiny_recipe(tmp_path, model=WIDER, callbacks=["count"], data={"train": str(tmp_path / "corpus.txt"),
+                                                                           "max_length": 64, "packing": False},
+                         train={"compile": True, "max_steps": 6, "batch_size": 4, "precision": "bf16"})
+    with inline_plugin("callback", "count", Count):
+        run_recipe(recipe)
+    assert seen[0] >= 1 and all(n == seen[0] for n in seen)
+    torch._dynamo.reset()
+
+
+def test_the_training_loop_never_syncs_between_log_steps_on_cuda(tmp_path, monkeypatch):
+    """torch.cuda.set_sync_debug_mode("error") from the first step on; reads are allowed only where the
+    engine documents them (the metrics read-out, evaluation, checkpoints, saving)."""
+    from engine import checkpoint, loop, step
+    from engine.hookspecs import hookimpl
+
+    def allowed(owner, name):
+        real = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return real(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
+
+        monkeypatch.setattr(owner, name, wrapped)
+
+    for owner, name in ((step.Unread, "read"), (loop, "evaluate"), (loop, "save_model"), (checkpoint, "write")):
+        allowed(owner, name)
+    from engine import data as data_mod
+
+    pack = data_mod.pack  # no short block: a padded batch carries a mask, which transformers reads back
+    monkeypatch.setattr(data_mod, "pack", lambda seqs, n, stride=None: [b for b in pack(seqs, n, stride) if len(b) == n])
+
+    class Strict:
+        step_metrics_on_device = True
+
+        @hookimpl
+        def on_train_start(self, context):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+
+        @hookimpl
+        def on_train_end(self, context, summary):
+            torch.cuda.set_sync_debug_mode(0)
+
+    recipe = tiny_recipe(tmp_path, model=WIDER, callbacks=["strict"],
+                         train={"max_steps": 8, "log_every_steps": 4, "precision": "bf16", "chunked_loss": "plain"})
+    try:
+        with inline_plugin("callback", "strict", Strict):
+            summary = run_recipe(recipe)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert summary["steps"] == 8
