@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from engine.formats import Segment
+from engine.generate import fit_in_context
 
 
 def prompt_and_answer(segments: Sequence[Segment]) -> tuple[str, str]:
@@ -46,7 +47,9 @@ def accuracy(model: Any, tokenizer: Any, examples: Sequence[Sequence[Segment]], 
         budget = len(tokenizer(expected, add_special_tokens=False)["input_ids"]) + 8
         if enc["input_ids"].shape[1] == 0:
             enc = {"input_ids": torch.tensor([[tokenizer.eos_token_id]], device=device)}
-        out = model.generate(**enc, do_sample=False, max_new_tokens=budget, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+        limits = {"max_new_tokens": budget}
+        enc = fit_in_context(model, enc, limits)  # never past the model's context (position embeddings)
+        out = model.generate(**enc, do_sample=False, max_new_tokens=limits["max_new_tokens"], eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
         new = out[0, enc["input_ids"].shape[1] :]
         stopped += int(len(new) > 0 and new[-1].item() in stops)
         got = tokenizer.decode(new, skip_special_tokens=True).strip()

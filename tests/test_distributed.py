@@ -169,6 +169,7 @@ def test_sigterm_on_one_rank_checkpoints_every_rank_at_that_step_and_resumes(tmp
     assert_same_run(run, one_process_run)
 
 
+@pytest.mark.slow
 def test_device_map_auto_with_several_processes_is_exit_2(tmp_path, tiny_model_dir):
     recipe = _recipe(tmp_path)
     recipe["model"] = {"base": str(tiny_model_dir), "device_map": "auto"}
@@ -207,6 +208,7 @@ def test_device_map_auto_in_one_process_trains_and_saves(tmp_path, tiny_model_di
         run_recipe(recipe)
 
 
+@pytest.mark.slow
 def test_fsdp_accelerate_config_resolves_to_fsdp2_with_full_state_dict():
     """recipes/accelerate_fsdp.yaml as accelerate launch reads it (FSDP itself needs GPUs: see docs/processes.md)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -229,6 +231,7 @@ def test_fsdp_accelerate_config_resolves_to_fsdp2_with_full_state_dict():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_fsdp_on_cpu_is_refused_instead_of_quietly_replicating(tmp_path):
     # what accelerate launch --config_file recipes/accelerate_fsdp.yaml puts in a process's environment
     from engine.distributed import has_accelerator_device
