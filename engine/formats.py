@@ -120,17 +120,34 @@ def load_rows(spec: str, key: str, data_cfg: Any) -> tuple[Rows, list[str]]:
                 rows.items.append({data_cfg.text_field: doc})
                 rows.where.append(f"{path}: document {i + 1}")
             continue
+        if fmt == "csv":  # cells stay text as written ("5" is not the number 5.0, an empty cell is ""), with their line
+            _read_csv(path, key, rows)
+            continue
         try:
             ds = datasets.load_dataset(fmt, data_files=[path], split="train")
         except Exception as exc:
             raise UserError(f"{key}: {path}: could not be read as {fmt} ({type(exc).__name__}: {exc})") from None
-        first = 2 if fmt == "csv" else 1  # a .csv's first line is its header
+        first = 1
         unit = "record" if path.lower().endswith(".json") and not _json_lines(path) else _LINE[fmt]
         for i, row in enumerate(ds):
             if not _is_empty(row):
                 rows.items.append(dict(row))
                 rows.where.append(f"{path}: {unit} {i + first}")
     return rows, items
+
+
+def _read_csv(path: str, key: str, rows: Rows) -> None:
+    import csv
+
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                if not _is_empty(row):
+                    rows.items.append(dict(row))
+                    rows.where.append(f"{path}: line {reader.line_num}")
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise UserError(f"{key}: {path}: could not be read as csv ({type(exc).__name__}: {exc})") from None
 
 
 def _json_lines(path: str) -> bool:

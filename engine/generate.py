@@ -66,6 +66,9 @@ def generate_text(
     model.eval()
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
     kwargs = generation_settings(plugins, tokenizer, **overrides)
+    padded = getattr(getattr(model, "generation_config", None), "suppress_tokens", None)
+    if padded and kwargs.get("suppress_tokens") is not None:  # a plugin's list adds to the padded vocabulary ids, never frees them
+        kwargs["suppress_tokens"] = sorted(set(kwargs["suppress_tokens"]) | set(padded))
     enc = fit_in_context(model, enc, kwargs)
     beams = (kwargs.get("num_beams") or 1) > 1  # transformers cannot stream beam search: print the result at the end
     output = model.generate(**enc, streamer=None if beams else streamer, **kwargs)

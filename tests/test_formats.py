@@ -240,3 +240,18 @@ def test_plain_text_keeps_the_old_blocks_under_concat(tmp_path, tokenizer):
     isolated = packing.build_blocks(exs, 8, True, log=lambda line: None)
     targets = sum(int((b[1, 1:] != IGNORE_INDEX).sum()) for b in isolated)
     assert targets == sum(len(e) - 1 for e in exs)
+
+
+def test_pairs_read_from_json_csv_and_parquet_name_their_line_or_row(tmp_path, tokenizer):
+    import datasets
+
+    rows = [{"prompt": "2+3=", "completion": "5"}, {"prompt": "1+1=", "completion": ""}]
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "p.csv"), index=False)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "p.parquet"))
+    plugins, data = setup(tmp_path, tokenizer, format="prompt_completion")
+    for name, where in (("p.json", "record 2"), ("p.csv", "line 3"), ("p.parquet", "row 2")):
+        loaded, _ = formats.load_rows(str(tmp_path / name), "data.train", data)
+        assert [r["prompt"] for r in loaded.items] == ["2+3=", "1+1="], name
+        with pytest.raises(UserError, match=rf"data.train: {tmp_path / name}: {where}: field 'completion' is empty"):
+            formats.examples_of(loaded, "data.train", plugins, data, tokenizer)
