@@ -243,4 +243,5 @@ class LanguageModelTrainer:
         formats, data_cfg = getattr(self, "_format", ([], None))
         if raw or not formats:
             return generate_text(self.model, self.tokenizer, Plugins(chosen), prompt)
-        return generate_answer(self.model, self.tokenizer, Plugins(chosen + formats), data_cfg, prompt)
+        decoding = [c for c in chosen if c.kind != "format"]  # select() fills the format slot too: the run's format replaces it
+        return generate_answer(self.model, self.tokenizer, Plugins(decoding + formats), data_cfg, prompt)
