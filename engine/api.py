@@ -142,6 +142,7 @@ class LanguageModelTrainer:
         self.model: Any = None
         self.tokenizer: Any = None
         self.summary: dict[str, Any] | None = None
+        self._format: tuple[list[Any], Any] = ([], None)
 
     def recipe(self) -> dict[str, Any]:
         return to_recipe(self.settings)
@@ -169,8 +170,10 @@ class LanguageModelTrainer:
     def load_model(self, path: str | Path) -> None:
         """Load a saved model or LoRA adapter folder (final_model/, best/, any save_pretrained folder)."""
         from engine import model as model_mod
+        from engine.generate import run_format
 
         self.model, self.tokenizer = model_mod.load_trained(path)
+        self._format = run_format(path)  # a run trained with data.format: generate() formats prompts as in training
 
     def _need_model(self) -> None:
         if self.model is None:
@@ -217,9 +220,15 @@ class LanguageModelTrainer:
         top_k: int = 50,
         repetition_penalty: float = 1.1,
         no_repeat_ngram_size: int = 2,
+        raw: bool = False,
     ) -> str:
-        """The continuation of prompt, sampled with the `sampling` decoding plugin and these options."""
-        from engine.generate import generate_text
+        """The continuation of prompt, sampled with the `sampling` decoding plugin and these options.
+
+        For a model of a run trained with an instruction format (data.format = "prompt_completion" or
+        "chat"), the prompt is formatted as in training (a user turn) and the answer ends where the
+        model ends it; raw=True continues the prompt as plain text.
+        """
+        from engine.generate import generate_answer, generate_text
         from engine.manager import Plugins, select
 
         self._need_model()
@@ -231,4 +240,8 @@ class LanguageModelTrainer:
                                 {"sampling": options}, lambda key: "generate()")
         if errors:
             raise UserError(*[e.replace("sampling.", "") for e in errors])
-        return generate_text(self.model, self.tokenizer, Plugins(chosen), prompt)
+        formats, data_cfg = getattr(self, "_format", ([], None))
+        if raw or not formats:
+            return generate_text(self.model, self.tokenizer, Plugins(chosen), prompt)
+        decoding = [c for c in chosen if c.kind != "format"]  # select() fills the format slot too: the run's format replaces it
+        return generate_answer(self.model, self.tokenizer, Plugins(decoding + formats), data_cfg, prompt)

@@ -635,6 +635,15 @@ def _restore_rng(path: Path, state: Any, rank: int) -> None:
         warn(f"{path / rng_file(rank)}: could not restore the random number generator state ({type(exc).__name__}: {exc}); {consequence}")
 
 
+def _written_logs(out: Path) -> set[str]:
+    """Log names the engine writes, and those plugins asked for with context.run_file (the .plugin-files list)."""
+    from engine.runfolder import PLUGIN_FILES
+
+    manifest = Path(out) / PLUGIN_FILES
+    names = set(manifest.read_text(encoding="utf-8").splitlines()) if manifest.is_file() else set()
+    return names | {"metrics.jsonl", "samples.jsonl"}
+
+
 def rewind_run_folder(out: Path, restored: Restored) -> None:
     """Cut the run folder back to the checkpoint: logs to their length then, no summary of a later end.
 
@@ -651,9 +660,10 @@ def rewind_run_folder(out: Path, restored: Restored) -> None:
                 f.truncate(size)
         elif path.stat().st_size < size:
             warn(f"{path} is shorter than when checkpoint {restored.path.name} was written; it continues from its end")
+    written = _written_logs(out)
     for path in Path(out).iterdir() if Path(out).is_dir() else []:
-        if path.is_file() and not path.is_symlink() and path.suffix in LOG_SUFFIXES and path.name not in restored.logs:
-            path.unlink()  # written only after the checkpoint
+        if path.name in written and path.is_file() and not path.is_symlink() and path.suffix in LOG_SUFFIXES and path.name not in restored.logs:
+            path.unlink()  # the engine or a plugin began it only after the checkpoint (a log of your own is left alone)
     summary = Path(out) / "metrics.json"
     if summary.exists():
         summary.unlink()

@@ -4,7 +4,8 @@
     python -m engine RECIPE [key=value ...]            train (same as `train RECIPE`)
     python -m engine check RECIPE [key=value ...]      validate, print the resolved recipe and plugins
     python -m engine plugins [NAME]                    list installed plugins, or one plugin's options
-    python -m engine generate RUN_DIR --prompt TEXT [key=value ...]
+    python -m engine generate RUN_DIR --prompt TEXT [--raw] [key=value ...]
+    python -m engine chat RUN_DIR [key=value ...]          one user turn per line of stdin (works in a pipe)
     python -m engine eval RUN_DIR|MODEL_DIR --data PATH [--json]   loss, perplexity, bits/char of a text
     python -m engine merge RUN_DIR OUT_DIR [--dtype D]        LoRA adapter + base -> standalone model
     python -m engine runs DIR... [--plot FILE.png]            finished runs side by side
@@ -18,11 +19,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from engine.errors import Interrupted, RunFailed, UserError
 
-COMMANDS = ("train", "check", "plugins", "generate", "eval", "merge", "runs", "bench", "push")
+COMMANDS = ("train", "check", "plugins", "generate", "chat", "eval", "merge", "runs", "bench", "push")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,13 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="text to continue")
     g.add_argument("--model", default="final", help="which model of the run: final (default), best, or a path")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    g.add_argument("--raw", action="store_true", help="continue the prompt as plain text, without the run's data.format (chat template, prompt layout)")
     g.add_argument("overrides", nargs="*", metavar="key=value", help="decoding overrides, e.g. decoding=greedy sampling.temperature=0.9")
+    c = sub.add_parser("chat", help="talk with a run trained on chats or prompt/completion pairs (one message per line of stdin)")
+    c.add_argument("run_dir", help="a run folder (uses final/)")
+    c.add_argument("--model", default="final", help="which model of the run: final (default), best, or a path")
+    c.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="decoding overrides, e.g. decoding=greedy")
     e = sub.add_parser("eval", help="loss, perplexity and bits per character of a model on a text file or dataset")
     e.add_argument("model", metavar="RUN_DIR|MODEL_DIR", help="a run folder (uses final/), or a model or adapter folder (final/, best/, a checkpoint)")
     e.add_argument("--data", required=True, help="a text file, glob, folder or datasets name (as data.train takes)")
     e.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
     e.add_argument("--max-length", type=int, default=0, help="tokens per block (default: the run's data.max_length, else the model's context up to 1024)")
     e.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default 8)")
+    e.add_argument("--generate", type=int, default=0, metavar="N", help="also generate answers to the first N examples and report exact-match accuracy (runs trained with an instruction format)")
     m = sub.add_parser("merge", help="merge a run's LoRA adapter into its base model and save a standalone model")
     m.add_argument("run_dir", help="a LoRA run folder (uses final/), or an adapter folder")
     m.add_argument("out_dir", help="a new or empty folder for the merged model")
@@ -102,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plugins(args.name)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "chat":
+            return cmd_chat(args)
         if args.command == "eval":
             return cmd_eval(args)
         if args.command == "merge":
@@ -239,14 +249,11 @@ def show_plugin(name: str, available: dict, problems: dict[str, str]) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from transformers import TextStreamer, set_seed
-
-    from engine import from_checkpoint, generate, recipe as recipe_mod, tomlfile
+def _load_for_generation(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """(model, tokenizer, plugins, data section or None) of a run (or model folder) for generate and chat."""
+    from engine import from_checkpoint, recipe as recipe_mod, tomlfile
     from engine.manager import Plugins
 
-    if not args.prompt:
-        raise UserError("--prompt: empty; give the text to continue (e.g. --prompt 'Once upon a time')")
     run = Path(args.run_dir)
     recipe_path = run / "recipe.toml"
     data = tomlfile.loads(recipe_path.read_text(encoding="utf-8")) if recipe_path.exists() else {"data": {"train": "-"}}
@@ -264,14 +271,59 @@ def cmd_generate(args: argparse.Namespace) -> int:
             data.pop(data["decoding"], None)  # the old strategy's options do not apply to the new one
     data = recipe_mod.apply_overrides(data, args.overrides, origins)
     recipe = recipe_mod.from_dict(data, str(recipe_path), origins)
-    plugins = Plugins([s for s in recipe.plugins if s.kind == "decoding"])
+    formatted = recipe_path.exists() and not getattr(args, "raw", False)
+    plugins = Plugins([s for s in recipe.plugins if s.kind == "decoding" or (formatted and s.kind == "format")])
     model, tokenizer, _ = from_checkpoint.load_any(model_dir)  # a model, an adapter or a checkpoint
     if args.seed is not None:
+        from transformers import set_seed
+
         set_seed(args.seed)
-    print(args.prompt, end="", flush=True)
+    return model, tokenizer, plugins, recipe.data if formatted else None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    from engine import generate
+
+    if not args.prompt:
+        raise UserError("--prompt: empty; give the text to continue (e.g. --prompt 'Once upon a time')")
+    model, tokenizer, plugins, data_cfg = _load_for_generation(args)
+    formatted = generate.formatted_prompt(plugins, data_cfg, tokenizer, [{"role": "user", "content": args.prompt}])
+    if formatted is None or formatted == args.prompt:
+        print(args.prompt, end="", flush=True)  # a continuation: show it after its prompt
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    generate.generate_text(model, tokenizer, plugins, args.prompt, streamer=streamer)
+    generate.generate_answer(model, tokenizer, plugins, data_cfg, args.prompt, streamer=streamer)
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A conversation with a run trained with data.format = "chat" (or prompt_completion): one user turn per line of stdin."""
+    from transformers import TextStreamer
+
+    from engine import generate
+
+    model, tokenizer, plugins, data_cfg = _load_for_generation(args)
+    if data_cfg is None or not plugins.of_kind("format") or plugins.of_kind("format")[0].name == "text":
+        raise UserError(f"{args.run_dir}: chat needs a run trained with an instruction format (data.format = \"chat\" or "
+                        f"\"prompt_completion\"); for plain text use python -m engine generate RUN --prompt TEXT")
+    interactive = sys.stdin.isatty()
+    history: list[dict[str, str]] = []
+    if interactive:
+        print("Type a message and press Enter; an empty line or Ctrl-D ends the chat.", flush=True)
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or (interactive and not line.strip()):
+            return 0
+        message = line.rstrip("\n")
+        if not message.strip():
+            continue
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        answer = generate.generate_answer(model, tokenizer, plugins, data_cfg, message, streamer=streamer, history=history)
+        sys.stdout.flush()
+        history += [{"role": "user", "content": message}, {"role": "assistant", "content": answer.strip()}]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -281,7 +333,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.max_length < 0 or args.max_length == 1 or args.batch_size < 1:
         raise UserError("--max-length must be 2 or more (0: the default) and --batch-size 1 or more")
-    result = evaluation.evaluate_text(args.model, args.data, args.max_length, args.batch_size)
+    if args.generate < 0:
+        raise UserError(f"--generate: {args.generate}; give the number of examples to answer (0: none)")
+    result = evaluation.evaluate_text(args.model, args.data, args.max_length, args.batch_size, args.generate)
     print(json.dumps(result, indent=2) if args.json else evaluation.result_table(result))
     return 0
 

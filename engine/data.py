@@ -234,7 +234,14 @@ def count_long_documents(sequences: Sequence[Sequence[int]], max_length: int) ->
 
 
 def collate(blocks: Sequence[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad blocks into input_ids, attention_mask and labels (-100 on padding)."""
+    """Right-pad blocks into input_ids, attention_mask and labels (-100 on padding).
+
+    Blocks of ids, labels and positions (engine/packing.py) collate into input_ids, labels and position_ids.
+    """
+    if blocks[0].dim() == 2:
+        from engine import packing
+
+        return packing.collate(blocks, pad_id)
     width = max(len(b) for b in blocks)
     input_ids = torch.full((len(blocks), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(blocks), width), dtype=torch.long)

@@ -63,7 +63,7 @@ def evaluate(
     }
 
 
-def evaluate_text(model_path: str, data: str, max_length: int = 0, batch_size: int = 8) -> dict[str, Any]:
+def evaluate_text(model_path: str, data: str, max_length: int = 0, batch_size: int = 8, generate: int = 0) -> dict[str, Any]:
     """`python -m engine eval`: the numbers of a model or adapter folder (or a run's final/) on a text file or dataset.
 
     Documents are read and packed as in training, with the run's data settings when the model comes
@@ -74,13 +74,21 @@ def evaluate_text(model_path: str, data: str, max_length: int = 0, batch_size: i
     from engine.errors import UserError
     from engine.recipe import DataSection
 
+    from engine.recipe import data_section
+
     folder = runfolder.model_folder(model_path)
     run = runfolder.run_of(folder)
-    table = dict(runfolder.read_recipe(run).get("data", {})) if run else {}
+    recipe_table = runfolder.read_recipe(run) if run else {}
+    table = data_section(dict(recipe_table.get("data", {})))
     table["train"] = data
     data_cfg, problems = schema.validate(table, DataSection, "data.", str(run / "recipe.toml") if run else "--data")
     if problems:  # a recipe written by another version: fall back to the defaults
         data_cfg, _ = schema.validate({"train": data}, DataSection, "data.", "--data")
+    format_name = recipe_table.get("data", {}).get("format", "text") or "text"
+    if format_name != "text" or generate:
+        from engine import answers
+
+        return answers.evaluate_answers(folder, recipe_table, format_name, data_cfg, data, max_length, batch_size, generate)
     documents, _ = data_mod.load_documents(data, "--data", data_cfg)
     if not documents:
         raise UserError(f"--data: '{data}' holds no text")
@@ -116,6 +124,10 @@ def evaluate_text(model_path: str, data: str, max_length: int = 0, batch_size: i
 
 
 def result_table(result: dict[str, Any]) -> str:
+    if "format" in result:
+        from engine import answers
+
+        return answers.result_table(result)
     rows = [
         ("model", f"{result['model']} ({result['kind']})"),
         ("data", f"{result['data']}: {result['documents']:,} documents, {result['characters']:,} characters"),

@@ -42,10 +42,10 @@ def host_batch(blocks: Sequence[torch.Tensor], pad_id: int, pin: bool = False, f
     batch = data_mod.collate(blocks, pad_id)
     extra = (fixed_width or 0) - batch["input_ids"].shape[1]
     if extra > 0:
-        fill = {"input_ids": pad_id, "attention_mask": 0, "labels": data_mod.IGNORE_INDEX}
+        fill = {"input_ids": pad_id, "attention_mask": 0, "labels": data_mod.IGNORE_INDEX, "position_ids": 0}
         batch = {k: F.pad(v, (0, extra), value=fill[k]) for k, v in batch.items()}
     targets = int((batch["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum())
-    if fixed_width is not None or bool(batch["attention_mask"].all()):
+    if "attention_mask" in batch and (fixed_width is not None or bool(batch["attention_mask"].all())):  # packed examples: position ids instead
         del batch["attention_mask"]  # nothing (or only what follows the last token) to mask
     if pin:
         batch = {k: v.pin_memory() for k, v in batch.items()}

@@ -78,14 +78,16 @@ def _model_of_run(run: Path) -> tuple[Any, Any, bool]:
             model.requires_grad_(True)
         return model, tokenizer, is_adapter
     # an unfinished run: build what the training loop built
-    from engine import data as data_mod, tokcache
+    from engine import chat, formats, tokcache
     from engine.manager import Plugins
 
     recipe = recipe_mod.from_dict(data, str(run / "recipe.toml"))
-    augmenters = Plugins([s for s in recipe.plugins if s.kind == "augmentation"])
-    docs = data_mod.run_documents(recipe, augmenters)
-    tokenizer = model_mod.load_tokenizer(recipe.model, docs.train, tokcache.cache_root(recipe.data))
+    plugins = Plugins([s for s in recipe.plugins if s.kind in ("augmentation", "format")])
+    rows = formats.run_rows(recipe, plugins)
+    tokenizer = model_mod.load_tokenizer(recipe.model, formats.row_texts(rows.train), tokcache.cache_root(recipe.data))
+    added = formats.prepare_tokenizer(plugins, tokenizer, recipe.data)  # a chat template's tokens, as in training
     model = model_mod.load_model(recipe.model, tokenizer)
+    added_ids = chat.fit_model(model, tokenizer, added)
     if recipe.lora.enabled:
-        model = model_mod.apply_lora(model, recipe.lora)
+        model = model_mod.apply_lora(model, recipe.lora, trainable_tokens=added_ids)
     return model.to(torch.float32), tokenizer, recipe.lora.enabled

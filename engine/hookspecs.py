@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # only for annotations; importing this module stays cheap
     import torch
 
     from engine.context import EarlyStopDecision, TrainContext
+    from engine.formats import Segment
 
 PROJECT = "tunesmith"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -37,6 +38,50 @@ def augment_document(text: str, rng: "random.Random", vocabulary: list[str]) -> 
     rng: a random.Random seeded from train.seed; use only it, so the same seed gives the same data.
     vocabulary: the distinct words of the training corpus, sorted (for insertions).
     Returns the new text. Called per plugin, in recipe order. Never called for validation data.
+    """
+
+
+# ---------------------------------------------------------------- kind: format
+@hookspec(firstresult=True)
+def format_example(example: dict[str, Any], data: Any, tokenizer: Any) -> list["Segment"]:
+    """Turn one example of the data into segments of text, each marked as a target or not.
+
+    example: one row of the data as a dict (a .jsonl line, a .csv row, a dataset row; a .txt
+    document is {data.text_field: text}).
+    data: the recipe's data section (data.prompt_field, data.completion_field, data.messages_field,
+    data.text_field, data.last_turn_only, ...).
+    tokenizer: the run's tokenizer (eos_token, apply_chat_template).
+    Returns a list of engine.formats.Segment(text, target) (an empty list skips the example): the engine tokenizes each segment
+    separately (special tokens in the text are recognized), concatenates them and computes the
+    loss on target tokens only (data.train_on_prompt makes every token a target). End the answer
+    with a target end-of-answer token (tokenizer.eos_token or the template's end of turn) so the
+    model learns to stop. Raise engine.formats.FormatError(field, problem) for bad data: the engine
+    adds the file and line. The first non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def format_prompt(messages: list[dict[str, str]], data: Any, tokenizer: Any) -> str:
+    """The text a model trained with this format continues to answer the conversation.
+
+    messages: OpenAI-style turns [{"role": "user", "content": ...}, ...] ending with a user turn
+    (python -m engine generate --prompt TEXT gives one user turn; python -m engine chat the whole
+    conversation so far).
+    data: the recipe's data section, as in format_example.
+    tokenizer: the run's tokenizer.
+    Returns the prompt text exactly as it appears (not a target) before an answer in training.
+    The first non-None result wins; a format without it generates from the raw text.
+    """
+
+
+@hookspec(firstresult=True)
+def prepare_tokenizer(tokenizer: Any, data: Any) -> list[str]:
+    """Adjust the tokenizer before the model is built: add special tokens, set a chat template.
+
+    tokenizer: the run's tokenizer, changed in place; it is saved with the run (final/, best/).
+    data: the recipe's data section.
+    Returns the special tokens added (the engine grows the embeddings to fit and, under LoRA,
+    trains and saves their rows with the adapter), or an empty list. The first non-None result wins.
     """
 
 

@@ -31,7 +31,7 @@ from engine.evaluation import evaluate
 from engine import loss as loss_mod
 from engine.loss import token_loss_sum
 from engine import model as model_mod
-from engine import tokcache
+from engine import chat, formats, packing, tokcache
 from engine.context import EarlyStopDecision, TrainContext, TrainState
 from engine.errors import Interrupted, RunFailed, UserError
 from engine.manager import Plugins
@@ -101,29 +101,25 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
 
     # 1. documents, checked before any model loads
     plugins = Plugins(recipe.plugins)
-    docs = data_mod.run_documents(recipe, plugins)  # split, then augment the training documents
+    rows = formats.run_rows(recipe, plugins)  # split, then augment the training rows (engine/formats.py)
 
     # 2. tokenizer, blocks, model
     cache = tokcache.cache_root(recipe.data)
-    tokenizer = model_mod.load_tokenizer(recipe.model, docs.train, cache)
+    tokenizer = model_mod.load_tokenizer(recipe.model, formats.row_texts(rows.train), cache)
+    added_tokens = formats.prepare_tokenizer(plugins, tokenizer, recipe.data)  # e.g. a chat template's tokens
     model = model_mod.load_model(recipe.model, tokenizer, accelerator.mixed_precision)
+    added_ids = chat.fit_model(model, tokenizer, added_tokens)
     if recipe.model.fused_activations:
         model_mod.use_fused_activations(model)
     model_mod.skip_padding_check(model)  # it reads the batch back from the GPU on every forward
     limit = model_mod.context_length(model)
     if limit is not None and recipe.data.max_length > limit:
         raise UserError(f"data.max_length: {recipe.data.max_length} is longer than the model's context ({limit}); set it to {limit} or less")
-    train_tokens = data_mod.tokenize_cached(docs.train, tokenizer, cache)
-    train_blocks = data_mod.blocks_of(train_tokens, recipe.data.max_length, recipe.data.packing)
-    n_long = data_mod.count_long_documents(train_tokens, recipe.data.max_length)
-    if n_long:
-        log(f"data.train: {n_long} of {len(docs.train)} documents are longer than data.max_length ({recipe.data.max_length} tokens) and were split across blocks")
-    val_blocks = data_mod.build_blocks(docs.val, tokenizer, recipe.data.max_length, recipe.data.packing, for_eval=True, cache=cache)
-    val_chars = data_mod.characters(docs.val)
+    train_blocks, val_blocks, val_chars = packing.run_blocks(recipe, plugins, rows, tokenizer, cache, log)
     if recipe.lora.enabled:
         if recipe.model.config:
             raise UserError("lora.enabled: a model built from model.config starts from random weights; train it fully with lora.enabled = false")
-        model = model_mod.apply_lora(model, recipe.lora)
+        model = model_mod.apply_lora(model, recipe.lora, trainable_tokens=added_ids)
     if cfg.gradient_checkpointing:
         model_mod.enable_gradient_checkpointing(model, cfg.checkpoint_every)
     trainable, total = model_mod.parameter_counts(model)
@@ -365,14 +361,14 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
     emit(summary, "summary")
     if accelerator.is_main_process:
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        modelcard.write_run_cards(recipe, summary, out, {"train_documents": len(docs.train), "val_documents": len(docs.val), "val_characters": val_chars})
+        modelcard.write_run_cards(recipe, summary, out, {"train_documents": len(rows.train), "val_documents": len(rows.val), "val_characters": val_chars})
     plugins.hook.on_train_end(context=context, summary=summary)
     if cfg.sample_prompt and not distributed.can_generate_alone(accelerator):
         log(f"\nno sample: the weights are sharded (FSDP); run python -m engine generate {out} --prompt ...")
     elif cfg.sample_prompt and accelerator.is_main_process:
-        from engine.generate import generate_text
+        from engine.generate import generate_answer
 
-        text = generate_text(unwrapped, tokenizer, plugins, cfg.sample_prompt, max_new_tokens=cfg.sample_max_new_tokens)
+        text = generate_answer(unwrapped, tokenizer, plugins, recipe.data, cfg.sample_prompt, max_new_tokens=cfg.sample_max_new_tokens)
         log(f"\nsample: {cfg.sample_prompt}{text}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -40,6 +40,13 @@ CHUNK_ELEMENTS = 1 << 24  # logits elements per chunk: 64 MiB in fp32
 _POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Forward arguments: input_ids with position_ids (packed examples kept apart, engine/packing.py) or attention_mask."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+
+
 def output_layer(model: Any) -> torch.nn.Linear | None:
     """The model's lm_head when chunking is exact for it, else None."""
     inner = getattr(model, "module", model)  # DDP
@@ -71,7 +78,7 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def plain_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    logits = model(**model_inputs(batch)).logits
     targets = batch["labels"][:, 1:]
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX)
 
@@ -83,7 +90,7 @@ def chunked_loss_sum(model: Any, batch: dict[str, torch.Tensor], chunk_elements:
     if head is None or n_targets * head.out_features <= chunk_elements:
         return plain_loss_sum(model, batch)
     with _identity(head):
-        hidden = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        hidden = model(**model_inputs(batch)).logits
     hidden = hidden[:, :-1].flatten(0, 1)
     targets = targets.flatten()
     step = max(1, chunk_elements // head.out_features)
@@ -105,7 +112,7 @@ def fused_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if head is None:
         return plain_loss_sum(model, batch)
     with _identity(head):
-        hidden = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        hidden = model(**model_inputs(batch)).logits
     targets = batch["labels"][:, 1:].flatten()
     fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
     loss = fused(head.weight, hidden[:, :-1].flatten(0, 1), targets, head.bias)

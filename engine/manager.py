@@ -39,6 +39,7 @@ KINDS: dict[str, Kind] = {
     "sink": Kind("sinks", True, "log_metrics", ["console", "jsonl", "curves"]),
     "decoding": Kind("decoding", False, "generation_kwargs", "sampling"),
     "callback": Kind("callbacks", True, None, []),
+    "format": Kind("data.format", False, "format_example", "text"),  # a key inside [data]
 }
 SLOT_TO_KIND = {k.slot: name for name, k in KINDS.items()}
 

@@ -155,8 +155,9 @@ def context_length(model: Any) -> int | None:
     return None
 
 
-def lora_config(lora_cfg: Any) -> Any:
-    """peft's LoraConfig for the lora section."""
+def lora_config(lora_cfg: Any, trainable_tokens: list[int] | None = None) -> Any:
+    """peft's LoraConfig for the lora section; trainable_tokens: embedding rows (tokens added for a chat
+    template) trained and saved with the adapter (peft's trainable_token_indices)."""
     from peft import LoraConfig
 
     targets = lora_cfg.target_modules
@@ -171,10 +172,11 @@ def lora_config(lora_cfg: Any) -> Any:
         modules_to_save=list(lora_cfg.modules_to_save) or None,
         init_lora_weights=True if lora_cfg.init == "default" else lora_cfg.init,
         bias=lora_cfg.bias,
+        **({"trainable_token_indices": list(trainable_tokens)} if trainable_tokens else {}),
     )
 
 
-def apply_lora(model: Any, lora_cfg: Any) -> Any:
+def apply_lora(model: Any, lora_cfg: Any, trainable_tokens: list[int] | None = None) -> Any:
     """The model with a LoRA adapter (peft); a quantized base is first prepared for k-bit training."""
     from peft import get_peft_model
 
@@ -184,7 +186,7 @@ def apply_lora(model: Any, lora_cfg: Any) -> Any:
     if quantized:
         model = quant.prepare(model)
     try:
-        model = get_peft_model(model, lora_config(lora_cfg))
+        model = get_peft_model(model, lora_config(lora_cfg, trainable_tokens))
     except ValueError as exc:
         key = "lora.modules_to_save" if lora_cfg.modules_to_save and "modules_to_save" in str(exc) else "lora.target_modules"
         raise UserError(f"{key}: {exc}; set {key} to the model's module names") from None

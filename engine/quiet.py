@@ -40,7 +40,7 @@ NOISE: tuple[Noise, ...] = (
           "peft reads transformers' old property name when it wraps a model; nothing a recipe can change"),
 )
 
-_state: dict[str, Any] = {"installed": False, "captured": [], "file": None}
+_state: dict[str, Any] = {"installed": False, "captured": [], "file": None, "target": None}
 
 
 def matches(channel: str, source: str, message: str) -> Noise | None:
@@ -52,10 +52,20 @@ def matches(channel: str, source: str, message: str) -> Noise | None:
 
 def _keep(text: str) -> None:
     _state["captured"].append(text)
-    out: IO[str] | None = _state["file"]
-    if out is not None:
-        out.write(text + "\n")
-        out.flush()
+    _write([text])
+
+
+def _write(texts: list[str]) -> None:
+    """Append to the run's log file, opening it at the first message (a run with none gets no file)."""
+    target = _state["target"]
+    if target is None or not texts:
+        return
+    if _state["file"] is None:
+        path, append = target
+        _state["file"] = Path(path).open("a" if append else "w", encoding="utf-8")
+    out: IO[str] = _state["file"]
+    out.write("".join(t + "\n" for t in texts))
+    out.flush()
 
 
 class _LoggerFilter(logging.Filter):
@@ -87,18 +97,19 @@ def install() -> None:
 
 
 def keep_in(path: Path, append: bool = False) -> None:
-    """From now on, write the diverted messages to `path` (those diverted so far first). append: a resumed run."""
+    """From now on, write the diverted messages to `path` (those diverted so far first). append: a resumed run.
+
+    The file is created at the first message; a fresh run (append False) replaces an older one's."""
     old: IO[str] | None = _state["file"]
     if old is not None:
         old.close()
-    _state["file"] = None
+    _state["file"], _state["target"] = None, None
     if not _state["installed"]:
         return
-    out = Path(path).open("a" if append else "w", encoding="utf-8")
-    for text in _state["captured"]:
-        out.write(text + "\n")
-    out.flush()
-    _state["file"] = out
+    if not append and Path(path).exists():
+        Path(path).unlink()
+    _state["target"] = (Path(path), append)
+    _write(_state["captured"])
 
 
 def captured() -> list[str]:

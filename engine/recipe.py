@@ -43,7 +43,13 @@ class DataSection:
     max_length: int = opt(512, "tokens per training block", min=2)
     text_field: str = opt("text", "column holding the text in .jsonl/.json/.csv/.parquet files and datasets")
     txt_documents: Literal["paragraph", "line", "file"] = opt("paragraph", "what one document is in a .txt file: blank-line-separated paragraphs, single lines, or the whole file")
-    packing: bool = opt(True, "concatenate documents (EOS between them) into full max_length blocks; false: one padded block per document piece")
+    packing: bool | Literal["isolated", "concat"] = opt(True, "pack examples into full max_length blocks. true or \"isolated\": each example attends only to itself and its positions restart at 0; \"concat\": examples see the ones before them in the block (the old behaviour); false: one padded block per example")
+    prompt_field: str = opt("prompt", "data.format = \"prompt_completion\": the field holding the prompt")
+    completion_field: str = opt("completion", "data.format = \"prompt_completion\": the field holding the answer")
+    messages_field: str = opt("messages", "data.format = \"chat\": the field holding the list of {role, content} turns")
+    train_on_prompt: bool = opt(False, "compute the loss on every token, prompts and user turns included (default: answers only)")
+    last_turn_only: bool = opt(False, "data.format = \"chat\": train on the last assistant turn of each chat only")
+    too_long: Literal["auto", "split", "truncate", "drop"] = opt("auto", "an example longer than data.max_length: split across blocks, truncate its prompt from the left, or drop it; auto: split plain text, truncate examples with a prompt")
     augment_copies: int = opt(1, "augmented copies added per training document when augmentations are selected (1 doubles the data)", min=0)
     encoding_errors: Literal["strict", "replace"] = opt("strict", "bytes that are not UTF-8: stop with an error naming file and line, or replace them")
     cache: bool = opt(True, "keep tokenized documents (and a tokenizer trained on data.train) in data.cache_dir, keyed by text and tokenizer, and reuse them")
@@ -112,11 +118,12 @@ class Recipe:
     def resolved(self) -> dict[str, Any]:
         """The whole recipe as run: every key, defaults filled in, plugin options included."""
         out: dict[str, Any] = {}
-        for kind in KINDS.values():
-            names = [s.name for s in self.plugins if KINDS[s.kind] is kind]
-            out[kind.slot] = names if kind.many else (names[0] if names else "")
         for name in SECTIONS:
             out[name] = dataclasses.asdict(getattr(self, name))
+        for kind in KINDS.values():
+            names = [s.name for s in self.plugins if KINDS[s.kind] is kind]
+            section, _, key = kind.slot.rpartition(".")
+            (out[section] if section else out)[key] = names if kind.many else (names[0] if names else "")
         for sel in self.plugins:
             out[sel.name] = resolved_options(sel)
         return out
@@ -245,8 +252,11 @@ def from_dict(
 
     errors: list[str] = []
     sections: dict[str, Any] = {}
+    slot_values = section_slots(data)
     for name, section_schema in SECTIONS.items():
         table = data.get(name, {})
+        if isinstance(table, dict):  # a slot inside a section (data.format) is a plugin name, not a section key
+            table = {k: v for k, v in table.items() if f"{name}.{k}" not in SLOT_TYPES}
         value, section_errors = schema.validate(table, section_schema, f"{name}.", origin_of(name))
         # Name the file each bad key came from (a recipe it extends, or the command line).
         errors.extend(_reattribute(e, origin_of(name), origins) for e in section_errors)
@@ -254,11 +264,11 @@ def from_dict(
 
     slots: dict[str, Any] = {}
     for slot, slot_type in SLOT_TYPES.items():
-        if slot not in data:
+        if slot not in slot_values:
             continue
-        ok, value = schema._check_value(data[slot], slot_type)
+        ok, value = schema._check_value(slot_values[slot], slot_type)
         if not ok:
-            errors.append(f"{origin_of(slot)}: {slot}: expected {schema.describe_type(slot_type)} (plugin names), got {data[slot]!r}")
+            errors.append(f"{origin_of(slot)}: {slot}: expected {schema.describe_type(slot_type)} (plugin names), got {slot_values[slot]!r}")
         else:
             slots[slot] = value
 
@@ -301,6 +311,22 @@ def from_dict(
     if errors:
         raise UserError(*errors)
     return Recipe(origin, sections["model"], sections["data"], sections["train"], sections["lora"], selected, base_dir or Path.cwd())
+
+
+def section_slots(data: dict[str, Any]) -> dict[str, Any]:
+    """The slot values a recipe dict sets: top-level keys (optimizer) and keys inside a section (data.format)."""
+    out = {}
+    for slot in SLOT_TYPES:
+        section, _, key = slot.rpartition(".")
+        table = data.get(section, {}) if section else data
+        if isinstance(table, dict) and key in table:
+            out[slot] = table[key]
+    return out
+
+
+def data_section(table: dict[str, Any]) -> dict[str, Any]:
+    """A [data] table without its plugin slot (data.format), for validating it against DataSection alone."""
+    return {k: v for k, v in table.items() if f"data.{k}" not in SLOT_TYPES}
 
 
 def _absolute_local_folders(model: ModelSection) -> None:

@@ -13,21 +13,24 @@ from typing import Any, Callable
 
 import torch
 
-from engine.generate import generate_text
+from engine.generate import generate_answer
 
 
 def generate_samples(
     model: Any, tokenizer: Any, plugins: Any, prompts: list[str], max_new_tokens: int, seed: int, step: int,
-    autocast: Callable[[], Any],
+    autocast: Callable[[], Any], data_cfg: Any = None,
 ) -> list[dict[str, Any]]:
-    """One {"step", "prompt", "text"} per prompt; text is the continuation without the prompt."""
+    """One {"step", "prompt", "text"} per prompt; text is the continuation without the prompt.
+
+    data_cfg: the run's data section: each prompt is formatted as data.format did in training.
+    """
     device = next(model.parameters()).device
     records = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed * 1_000_003 + step)
         with autocast():
             for prompt in prompts:
-                text = generate_text(model, tokenizer, plugins, prompt, max_new_tokens=max_new_tokens)
+                text = generate_answer(model, tokenizer, plugins, data_cfg, prompt, max_new_tokens=max_new_tokens)
                 records.append({"step": step, "prompt": prompt, "text": text})
     return records
 
@@ -44,7 +47,7 @@ def sample_at_evaluation(context: Any, plugins: Any) -> None:
     model = context.accelerator.unwrap_model(context.model)
     records = generate_samples(
         model, context.tokenizer, plugins, list(cfg.sample_prompts), cfg.sample_max_new_tokens, cfg.seed,
-        context.state.step, context.accelerator.autocast,
+        context.state.step, context.accelerator.autocast, context.recipe.data,
     )
     write_samples(records, context.output_dir)
     plugins.hook.log_samples(samples=records, step=context.state.step)

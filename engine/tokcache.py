@@ -89,7 +89,7 @@ def pieces(document: str, size: int = PIECE_CHARS) -> list[str]:
     return [document[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def _encode(documents: Sequence[str], tokenizer: Any, log: Callable[[str], None]) -> list[list[int]]:
+def _encode(documents: Sequence[str], tokenizer: Any, log: Callable[[str], None], append_eos: bool = True) -> list[list[int]]:
     """Token ids of each document followed by EOS.
 
     Fast tokenizers encode a batch of texts on all cores; a long document (one file read whole) is
@@ -115,16 +115,18 @@ def _encode(documents: Sequence[str], tokenizer: Any, log: Callable[[str], None]
     for start in batches:
         for i, ids in zip(owner[start : start + BATCH_DOCS], tokenizer(texts[start : start + BATCH_DOCS], add_special_tokens=False)["input_ids"]):
             out[i].extend(ids)
-    for ids in out:
-        ids.append(eos)
+    if append_eos:
+        for ids in out:
+            ids.append(eos)
     return out
 
 
-def tokenize(documents: Sequence[str], tokenizer: Any, root: Path | None, log: Callable[[str], None] = print) -> list[list[int]]:
-    """Token ids of each document followed by EOS, from the cache when it holds them."""
+def tokenize(documents: Sequence[str], tokenizer: Any, root: Path | None, log: Callable[[str], None] = print,
+             append_eos: bool = True) -> list[list[int]]:
+    """Token ids of each document followed by EOS (append_eos=False: without), from the cache when it holds them."""
     if root is None:
-        return _encode(documents, tokenizer, log)
-    key = hashlib.sha256((documents_hash(documents) + tokenizer_hash(tokenizer)).encode()).hexdigest()[:32]
+        return _encode(documents, tokenizer, log, append_eos)
+    key = hashlib.sha256((documents_hash(documents) + tokenizer_hash(tokenizer) + ("" if append_eos else "|no-eos")).encode()).hexdigest()[:32]
     path = root / "tokens" / f"{key}.npz"
     if path.exists():
         try:
@@ -135,7 +137,7 @@ def tokenize(documents: Sequence[str], tokenizer: Any, root: Path | None, log: C
             return [a.tolist() for a in np.split(flat.astype(np.int64), np.cumsum(lengths)[:-1])]
         except (OSError, ValueError, KeyError):
             pass  # a damaged entry: tokenize again and replace it
-    sequences = _encode(documents, tokenizer, log)
+    sequences = _encode(documents, tokenizer, log, append_eos)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, ids=np.fromiter((t for s in sequences for t in s), dtype=np.int32), lengths=np.array([len(s) for s in sequences], dtype=np.int64))

@@ -67,22 +67,28 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def direct_val_numbers(model, tokenizer, documents, max_length: int) -> tuple[float, int, int]:
-    """(nats, predicted tokens, characters) of documents straight from transformers' loss: each document
-    and its EOS, concatenated, in windows of max_length overlapping by one token (every token but the
-    first predicted once); characters count each document and its end. Independent of engine.evaluation."""
+def direct_val_numbers(model, tokenizer, documents, max_length: int, packing: str = "concat") -> tuple[float, int, int]:
+    """(nats, predicted tokens, characters) of documents straight from transformers' loss, independent of
+    engine.evaluation. Each document is followed by EOS; "concat": the documents concatenated, in windows of
+    max_length overlapping by one token (every token but the first predicted once); "isolated": each document
+    on its own (its first token is not predicted), exact when each fits in max_length. Characters count
+    each document and its end."""
     import torch
 
     eos = tokenizer.eos_token_id
-    ids = [t for doc in documents for t in tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]]
+    docs = [tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos] for doc in documents]
+    streams = [[t for ids in docs for t in ids]] if packing == "concat" else docs
     nats, tokens = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(ids) - 1, max_length - 1):
-            window = torch.tensor([ids[start : start + max_length]])
-            if window.shape[1] >= 2:
-                nats += model(input_ids=window, labels=window).loss.item() * (window.shape[1] - 1)
-                tokens += window.shape[1] - 1
-    assert tokens == len(ids) - 1
+        for ids in streams:
+            if packing != "concat":
+                assert len(ids) <= max_length, "isolated: a document longer than max_length is cut where its block is full"
+            for start in range(0, len(ids) - 1, max_length - 1):
+                window = torch.tensor([ids[start : start + max_length]])
+                if window.shape[1] >= 2:
+                    nats += model(input_ids=window, labels=window).loss.item() * (window.shape[1] - 1)
+                    tokens += window.shape[1] - 1
+    assert tokens == sum(len(ids) - 1 for ids in streams)
     return nats, tokens, sum(len(d) + 1 for d in documents)
 
 

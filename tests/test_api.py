@@ -7,7 +7,7 @@ import torch
 
 from engine.errors import UserError
 from engine.testing import write_corpus
-from tests.conftest import run_cli
+from tests.conftest import direct_val_numbers, run_cli
 
 ORIGINAL_KEYS = [
     "data_dir", "model_dir", "base_model", "max_length", "batch_size", "gradient_accumulation_steps", "epochs",
@@ -56,6 +56,7 @@ def test_config_maps_to_the_recipe_keys():
 @pytest.mark.slow
 def test_dict_api_and_equivalent_recipe_give_the_same_metrics(tiny_model_dir, tmp_path):
     from engine import LanguageModelTrainer, TextDataset
+    from engine import data as data_mod
     from engine import recipe as recipe_mod
     from engine.loop import train
 
@@ -64,8 +65,8 @@ def test_dict_api_and_equivalent_recipe_give_the_same_metrics(tiny_model_dir, tm
     write_corpus(data_dir / "a.txt", n_documents=20, seed=1)
     write_corpus(data_dir / "b.txt", n_documents=20, seed=2)
     config = {"data_dir": str(data_dir), "model_dir": str(tmp_path / "models"), "base_model": str(tiny_model_dir),
-              "max_length": 64, "batch_size": 4, "gradient_accumulation_steps": 2, "epochs": 1, "learning_rate": 5e-3,
-              "use_data_augmentation": True, "use_8bit_optimizer": True, "early_stopping_patience": 2, "lora_r": 8}
+              "max_length": 128, "batch_size": 4, "gradient_accumulation_steps": 2, "epochs": 8, "learning_rate": 5e-2,
+              "use_data_augmentation": True, "use_8bit_optimizer": True, "early_stopping_patience": 1, "lora_r": 8}
     trainer = LanguageModelTrainer(config)
     summary = trainer.train()
     models = tmp_path / "models"
@@ -83,22 +84,29 @@ sinks = ["jsonl"]
 base = "{tiny_model_dir}"
 [data]
 train = "{data_dir}/*.txt"
-max_length = 64
+max_length = 128
 [train]
 output_dir = "{tmp_path / 'recipe-run'}"
-epochs = 1
+epochs = 8
 batch_size = 4
 gradient_accumulation_steps = 2
-learning_rate = 5e-3
+learning_rate = 5e-2
 [lora]
 r = 8
 [patience]
-patience = 2
+patience = 1
 ''')
     same = train(recipe_mod.load(recipe_toml))
     for key in ("val_loss", "best_val_loss", "best_step", "train_loss", "steps", "tokens_seen", "trainable_params"):
         assert summary[key] == pytest.approx(same[key], rel=1e-6, abs=1e-9), key
-    assert summary["steps"] > 4 and summary["best_step"] == summary["steps"]
+    # early stopping fired, and the trainer holds the best model (not the last): its validation loss,
+    # computed with transformers' own loss, is best_val_loss
+    assert summary["stopped_early"] and summary["best_step"] < summary["steps"]
+    val_docs = data_mod.split_documents(recipe_mod.from_dict(trainer.recipe(), "(test)")).val
+    nats, tokens, _ = direct_val_numbers(trainer.model, trainer.tokenizer, val_docs, 128, packing="isolated")
+    # isolated packing (positions restart per document): agrees to ~7e-5 here, not 1e-5 (unexplained yet);
+    # the last model instead of the best is 1e-3 off
+    assert nats / tokens == pytest.approx(summary["best_val_loss"], rel=2e-4)
 
     # evaluate_model: token-weighted loss over a TextDataset, checked against transformers' own loss
     val_file = write_corpus(tmp_path / "held_out.txt", n_documents=20, seed=9)

@@ -131,6 +131,34 @@ def test_8bit_optimizers_keep_at_most_30_percent_of_adamw_state(tmp_path):
         assert moved[name] == pytest.approx(moved["adamw"], rel=0.05)  # the same first Adam step (about lr)
 
 
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
+def test_8bit_optimizer_options_reach_bitsandbytes_and_a_run_learns_with_them(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from engine.model import param_groups
+
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=64, n_positions=32, vocab_size=300)
+    ids = torch.randint(0, 300, (2, 16))
+    options = {"beta1": 0.8, "beta2": 0.95, "eps": 1e-6, "min_8bit_size": 5000}
+    for name in ("adamw8bit", "paged_adamw8bit"):
+        model = GPT2LMHeadModel(config)
+        _, plugins = plugins_of(tmp_path / name, optimizer=name, **{name: options})
+        optimizer = plugins.hook.create_optimizer(param_groups=param_groups(model, 0.01), learning_rate=1e-3, device=torch.device("cpu"))
+        assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in optimizer.param_groups)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        # min_8bit_size: the embedding (300 x 64) keeps 8-bit state, the 64 x 192 attention weight (12288) too,
+        # a 64-element LayerNorm weight keeps 32-bit state
+        state_dtype = {n: optimizer.state[p]["state1"].dtype for n, p in model.named_parameters() if p in optimizer.state}
+        assert state_dtype["transformer.wte.weight"] == torch.uint8 and state_dtype["transformer.h.0.attn.c_attn.weight"] == torch.uint8
+        assert state_dtype["transformer.h.0.ln_1.weight"] == torch.float32
+        # 64 x 64 = 4096 elements: 8-bit under bitsandbytes' default (4096), 32-bit under min_8bit_size 5000
+        assert state_dtype["transformer.h.0.attn.c_proj.weight"] == torch.float32
+    summary = run_recipe(tiny_recipe(tmp_path / "run8", optimizer="adamw8bit", adamw8bit=options, train={"max_steps": 8, "learning_rate": 1e-2}))
+    losses = [r["loss"] for r in jsonl(tmp_path / "run8" / "run", "train")]
+    assert summary["steps"] == 8 and losses[-1] < losses[0] - 0.3
+
+
 def test_sgd_momentum_and_nesterov_update_as_documented(tmp_path):
     for nesterov, after_two in ((False, 1.0 + 1.9), (True, 1.9 + 2.71)):
         _, plugins = plugins_of(tmp_path / str(nesterov), optimizer="sgd", sgd={"momentum": 0.9, "nesterov": nesterov})
@@ -261,7 +289,7 @@ def test_early_stopping_restores_and_saves_best_lora_adapter(tiny_model_dir, tmp
         tmp_path, early_stopping="patience", patience={"patience": 2}, callbacks=["capture"], scheduler="constant",
         constant={"warmup_steps": 0}, model={"base": str(tiny_model_dir), "config": {}},
         train={"learning_rate": 0.3, "max_steps": 12, "eval_every_steps": 1},  # a rate that makes val_loss turn
-        lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
+        lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}, data={"packing": "concat"},
     )
     with inline_plugin("callback", "capture", CaptureWeights):
         summary = run_recipe(recipe)

@@ -137,3 +137,15 @@ def test_samples_and_api_stop_at_the_model_context(tiny_model_dir, tiny_lm, caps
                          pad_token_id=tokenizer.pad_token_id)
     assert text == tokenizer.decode(out[0, 64:], skip_special_tokens=True)
     assert "fill the model's context of 128: generating from its last 64" in capsys.readouterr().err
+
+
+def test_instruction_eval_answers_stop_at_the_model_context(tiny_lm):
+    """engine.answers.accuracy (eval of instruction runs) budgets the expected answer's length + 8 new tokens:
+    a long expected answer on a 128-token model is capped instead of running past the position embeddings."""
+    from engine.answers import accuracy
+    from engine.formats import Segment
+
+    model, tokenizer = tiny_lm
+    example = [Segment("Question: where is the boat? Answer:", False), Segment(" the harbour" * 80, True)]
+    result = accuracy(model, tokenizer, [example])
+    assert result["answered"] == 1 and result["exact_match"] == 0.0

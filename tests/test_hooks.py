@@ -14,6 +14,7 @@ import torch
 
 from engine import docs, hookimpl
 from engine.context import EarlyStopDecision
+from engine.formats import Segment
 from engine.manager import Plugins
 from engine.testing import inline_plugin, run_recipe, tiny_recipe
 from tests.conftest import REPO
@@ -32,10 +33,20 @@ class RecAugment:
         return text.upper()
 
 
+class CountingSGD(torch.optim.SGD):
+    """SGD that counts its steps: shows the engine steps the optimizer the plugin returned."""
+
+    steps = 0
+
+    def step(self, closure=None):
+        CountingSGD.steps += 1
+        return super().step(closure)
+
+
 class RecOptimizer:
     @hookimpl
     def create_optimizer(self, param_groups, learning_rate, device):
-        optimizer = torch.optim.SGD(param_groups, lr=learning_rate)
+        optimizer = CountingSGD(param_groups, lr=learning_rate)
         record("create_optimizer", param_groups=param_groups, learning_rate=learning_rate, device=device, result=optimizer)
         return optimizer
 
@@ -60,20 +71,43 @@ class RecSink:
         record("log_metrics", metrics=dict(metrics), step=step, phase=phase)
 
 
+ONLY_TOKEN = " the"
+
+
 class RecDecoding:
     @hookimpl
     def generation_kwargs(self, tokenizer):
         record("generation_kwargs", tokenizer=tokenizer)
-        return {"do_sample": False}
+        keep = tokenizer(ONLY_TOKEN)["input_ids"][-1]  # every other token is suppressed: generate must see this
+        return {"do_sample": False, "min_new_tokens": 5, "suppress_tokens": [i for i in range(4 * len(tokenizer)) if i != keep]}  # padded vocabulary ids too
 
     @hookimpl
     def logits_processors(self, tokenizer):
         def processor(input_ids, scores):
-            record("logits_processor_applied", length=input_ids.shape[1])
+            record("logits_processor_applied", length=input_ids.shape[1], last=int(input_ids[0, -1]))
             return scores
 
         record("logits_processors", tokenizer=tokenizer)
         return [processor]
+
+
+class RecFormat:
+    @hookimpl
+    def prepare_tokenizer(self, tokenizer, data):
+        tokenizer.add_tokens(["<|rec|>"], special_tokens=True)
+        record("prepare_tokenizer", size=len(tokenizer), text_field=data.text_field)
+        return ["<|rec|>"]
+
+    @hookimpl
+    def format_example(self, example, data, tokenizer):
+        record("format_example", example=dict(example), field=data.text_field)
+        first, _, rest = example[data.text_field].partition(" ")
+        return [Segment(first + " ", False), Segment(rest, True), Segment(tokenizer.eos_token, True)]
+
+    @hookimpl
+    def format_prompt(self, messages, data, tokenizer):
+        record("format_prompt", messages=list(messages))
+        return "<|rec|>" + messages[-1]["content"]
 
 
 class RecCallback:
@@ -112,6 +146,7 @@ PLUGINS = [
     ("augmentation", "rec_augment", RecAugment), ("optimizer", "rec_optimizer", RecOptimizer),
     ("scheduler", "rec_scheduler", RecScheduler), ("early_stopping", "rec_stop", RecEarlyStop),
     ("sink", "rec_sink", RecSink), ("decoding", "rec_decoding", RecDecoding), ("callback", "rec_callback", RecCallback),
+    ("format", "rec_format", RecFormat),
 ]
 
 
@@ -119,8 +154,9 @@ def _recipe(folder):
     return tiny_recipe(
         folder, augmentations=["rec_augment"], optimizer="rec_optimizer", scheduler="rec_scheduler",
         early_stopping="rec_stop", sinks=["rec_sink"], decoding="rec_decoding", callbacks=["rec_callback"],
+        data={"format": "rec_format"},
         train={"max_steps": 8, "eval_every_steps": 2, "learning_rate": 0.2, "sample_prompt": "The boat",
-               "sample_max_new_tokens": 5, "log_every_steps": 1},
+               "sample_max_new_tokens": 5, "log_every_steps": 1, "save_every_steps": 2, "keep_checkpoints": 3},
     )
 
 
@@ -128,11 +164,12 @@ def _recipe(folder):
 def run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hooks")
     CALLS.clear()
+    CountingSGD.steps = 0
     with ExitStack() as stack:
         for kind, name, cls in PLUGINS:
             stack.enter_context(inline_plugin(kind, name, cls))
         summary = run_recipe(_recipe(folder))
-    return {"summary": summary, "folder": folder, "calls": {k: list(v) for k, v in CALLS.items()}}
+    return {"summary": summary, "folder": folder, "calls": {k: list(v) for k, v in CALLS.items()}, "optimizer_steps": CountingSGD.steps}
 
 
 def test_hook_augment_document(run):
@@ -153,7 +190,7 @@ def test_hook_create_optimizer(run):
     (call,) = run["calls"]["create_optimizer"]
     assert call["learning_rate"] == 0.2 and call["device"].type == "cpu"
     assert [g["weight_decay"] for g in call["param_groups"]] == [0.01, 0.0]
-    assert isinstance(call["result"], torch.optim.SGD)
+    assert isinstance(call["result"], CountingSGD) and run["optimizer_steps"] == run["summary"]["steps"] == 6  # it stepped this one
 
 
 def test_hook_create_scheduler(run):
@@ -170,6 +207,32 @@ def test_hook_early_stopping_check(run):
     assert summary["best_step"] == 4 and (run["folder"] / "run" / "best" / "model.safetensors").exists()
 
 
+def test_hook_prepare_tokenizer(run):
+    (call,) = run["calls"]["prepare_tokenizer"]
+    from transformers import AutoConfig, AutoTokenizer
+
+    final = run["folder"] / "run" / "final"
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert call["text_field"] == "text" and len(tokenizer) == call["size"] and "<|rec|>" in tokenizer.get_vocab()
+    assert AutoConfig.from_pretrained(final).vocab_size >= call["size"]  # the model was built with room for it
+
+
+def test_hook_format_example(run):
+    calls = run["calls"]["format_example"]
+    corpus = (run["folder"] / "corpus.txt").read_text()
+    documents = [d for d in corpus.split("\n\n") if d.strip()]
+    assert len(calls) == len(documents) * 2 - round(len(documents) * 0.1)  # training (and their augmented copies) and validation
+    assert all(set(c["example"]) == {"text"} and c["field"] == "text" for c in calls)
+    # the first word of every document is no target: fewer tokens trained on than the blocks hold
+    steps = [c["metrics"]["tokens_seen"] for c in run["calls"]["on_step_end"]]
+    assert steps[0] < 4 * 32 - 4
+
+
+def test_hook_format_prompt(run):
+    (call,) = run["calls"]["format_prompt"]
+    assert call["messages"] == [{"role": "user", "content": "The boat"}]
+
+
 def test_hook_log_metrics(run):
     calls = run["calls"]["log_metrics"]
     assert [c["step"] for c in calls if c["phase"] == "train"] == [1, 2, 3, 4, 5, 6]
@@ -180,12 +243,16 @@ def test_hook_log_metrics(run):
 def test_hook_generation_kwargs(run):
     (call,) = run["calls"]["generation_kwargs"]
     assert call["tokenizer"].eos_token == "<|endoftext|>"
+    # the kwargs reached generate: min_new_tokens 5 and only ONLY_TOKEN allowed
+    applied = run["calls"]["logits_processor_applied"]
+    assert len(applied) == 5
+    assert {c["last"] for c in applied[1:]} == {call["tokenizer"](ONLY_TOKEN)["input_ids"][-1]}
 
 
 def test_hook_logits_processors(run):
     assert len(run["calls"]["logits_processors"]) == 1
     applied = run["calls"]["logits_processor_applied"]
-    assert 1 <= len(applied) <= 5 and applied == sorted(applied, key=lambda c: c["length"])  # once per new token
+    assert [c["length"] for c in applied] == list(range(applied[0]["length"], applied[0]["length"] + 5))  # once per new token
 
 
 def test_hook_on_train_start(run):
@@ -233,28 +300,40 @@ def test_hook_log_samples(tmp_path):
     assert written == [s for _, samples in got for s in samples]
 
 
-def _plugins(tmp_path):
-    from engine import recipe as recipe_mod
+def test_hook_plugin_state(run):
+    """What a checkpoint keeps of each plugin: the plugins file of each real checkpoint."""
+    from engine import checkpoint
 
-    with inline_plugin("callback", "rec_callback", RecCallback):
-        recipe = recipe_mod.from_dict(tiny_recipe(tmp_path, callbacks=["rec_callback"]), "(test)")
-        return Plugins(recipe.plugins)
-
-
-def test_hook_plugin_state(tmp_path):
-    """What a checkpoint keeps of each plugin (engine.manager.Plugins.states)."""
-    plugins = _plugins(tmp_path)
-    for step in (1, 2, 3):
-        plugins.hook.on_step_end(context=type("C", (), {"state": type("S", (), {"step": step})})(), metrics={})
-    assert plugins.states() == {"rec_callback": {"steps": 3}}
+    saved = {}
+    for step in (2, 4, 6):
+        folder = run["folder"] / "run" / "checkpoints" / checkpoint.name_for(step)
+        saved[step] = torch.load(folder / checkpoint.PLUGINS_FILE, weights_only=True)["rec_callback"]
+    assert saved == {2: {"steps": 2}, 4: {"steps": 4}, 6: {"steps": 6}}
 
 
-def test_hook_load_plugin_state(tmp_path):
-    """A resumed run hands each plugin its saved state (engine.manager.Plugins.load_states)."""
-    plugins = _plugins(tmp_path)
-    assert plugins.load_states({"rec_callback": {"steps": 7}}) == []
-    assert plugins.states() == {"rec_callback": {"steps": 7}}
-    assert _plugins(tmp_path).load_states({}) == ["rec_callback"]  # a stateful plugin with nothing saved is named
+class Counter(RecCallback):
+    """RecCallback's state without the recording, for a run of its own."""
+
+    @hookimpl
+    def on_train_end(self, context, summary):
+        Counter.final = self.steps
+
+
+def test_hook_load_plugin_state(tmp_path, capsys):
+    """A resumed run hands each plugin its saved state; a stateful plugin with nothing saved is named in a warning."""
+    recipe = tiny_recipe(tmp_path, callbacks=["counter"], train={"max_steps": 4, "save_every_steps": 2})
+    with inline_plugin("callback", "counter", Counter):
+        run_recipe(recipe)
+        assert Counter.final == 4
+        resumed = {**recipe, "train": {**recipe["train"], "max_steps": 6, "resume": "auto"}}
+        run_recipe(resumed)
+        assert Counter.final == 6  # 4 from the checkpoint, 2 more: not 2
+        bare = tiny_recipe(tmp_path / "bare", train={"max_steps": 4, "save_every_steps": 2})
+        run_recipe(bare)  # a checkpoint without the counter's state
+        capsys.readouterr()
+        run_recipe({**bare, "callbacks": ["counter"], "train": {**bare["train"], "max_steps": 6, "resume": "auto"}})
+        assert Counter.final == 2
+    assert "plugin 'counter' has no state in" in capsys.readouterr().err
 
 
 def test_every_hook_has_a_test_here_and_its_signature_in_the_docs():

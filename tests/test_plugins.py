@@ -13,6 +13,7 @@ from engine.testing import inline_plugin, run_recipe, tiny_recipe
 from tests.conftest import fake_package, run_cli
 
 
+@pytest.mark.slow
 def test_plugins_command_lists_builtins_with_package_and_summary():
     result = run_cli("plugins")
     assert result.returncode == 0, result.stderr
@@ -90,6 +91,7 @@ def test_hookimpl_with_wrong_signature_names_the_plugin(tmp_path):
             run_recipe(tiny_recipe(tmp_path, sinks=["badsig"]))
 
 
+@pytest.mark.slow
 def test_broken_third_party_plugin_breaks_only_recipes_selecting_it(tmp_path):
     root = fake_package(
         tmp_path / "site", "brokenpkg",

@@ -88,10 +88,10 @@ def test_a_quantized_base_under_fsdp_is_refused(monkeypatch):
         quant.load_options(cfg, torch.float32)
 
 
-def test_full_fine_tuning_of_a_quantized_base_exits_2_from_the_cli(tmp_path, tiny_model_dir):
+def test_full_fine_tuning_of_a_quantized_base_exits_2_from_the_cli(tmp_path):
     from engine.testing import write_recipe
 
-    recipe = qlora_recipe(tmp_path, tiny_model_dir)
+    recipe = qlora_recipe(tmp_path, tmp_path / "no-model-needed")  # refused before any model loads
     recipe["lora"] = {"enabled": False}
     path = write_recipe(recipe, tmp_path / "full.toml")
     result = run_cli("train", str(path), timeout=120)

@@ -54,6 +54,9 @@ def test_filtered_messages_go_to_the_log_file_and_others_stay_on_screen(tmp_path
         assert message not in result.stderr
         assert message in log.read_text()
     assert "a warning nobody handled" in result.stderr and "another library line" in result.stderr
+    quiet_run = subprocess.run([sys.executable, "-c", "from engine import quiet; quiet.install(); quiet.keep_in(__import__('pathlib').Path(r'%s'))" % (tmp_path / "none.log")],
+                               cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert quiet_run.returncode == 0 and not (tmp_path / "none.log").exists()  # nothing diverted: no file
     shown = subprocess.run([sys.executable, "-c", code, str(log)], cwd=REPO, capture_output=True, text=True, timeout=120,
                            env={**__import__("os").environ, "TUNESMITH_SHOW_LIBRARY_WARNINGS": "1"})
     assert all(message in shown.stderr for message in msgs)

@@ -58,6 +58,7 @@ def test_all_problems_reported_together_with_file_key_and_suggestion(tmp_path):
     assert any(l.startswith(f"{path}: optimizer: unknown plugin 'adamww' (did you mean adamw?)") for l in lines)
 
 
+@pytest.mark.slow
 def test_cli_exit_2_one_message_naming_all_three_problems(tmp_path):
     path = write(tmp_path / "bad.toml", """
         sinks = ["consol"]
@@ -138,6 +139,7 @@ def test_extends_loop_is_an_error(tmp_path):
     assert "extends loops back to itself" in result.stderr
 
 
+@pytest.mark.slow
 def test_check_prints_resolved_recipe_and_plugins(tmp_path):
     result = run_cli("check", "recipes/quickstart.toml", "train.epochs=1")
     assert result.returncode == 0, result.stderr

@@ -232,3 +232,16 @@ def test_lora_run_on_a_relative_base_generates_and_evaluates_from_another_folder
     assert main(["eval", str(run), "--data", str(project / "corpus.txt"), "--json"]) == 0, capsys.readouterr().err
     result = json.loads(capsys.readouterr().out)
     assert math.isfinite(result["loss"]) and result["kind"] == "LoRA adapter"
+
+
+def test_resume_leaves_a_log_of_your_own_in_the_run_folder(tmp_path):
+    """A log the user started in the run folder after the checkpoint (`... | tee run/train.log`) is not deleted."""
+    recipe = tiny_recipe(tmp_path, train={"max_steps": 4, "save_every_steps": 2})
+    run_recipe(recipe)
+    run = tmp_path / "run"
+    shutil.rmtree(run / "checkpoints" / checkpoint.name_for(4))
+    (run / "train.log").write_text("my own log\n")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    run_recipe({**recipe, "train": {**recipe["train"], "resume": "auto"}})
+    assert (run / "train.log").read_text() == "my own log\n"
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [json.loads(l)["step"] for l in lines]

@@ -84,6 +84,7 @@ def test_chunked_loss_never_holds_full_logits():
     assert saved_bytes(chunked) < full_logits / 4
 
 
+@pytest.mark.slow
 def test_tokenization_cache_is_reused_and_gives_the_same_run(tmp_path):
     from engine import tokcache
 
@@ -121,6 +122,7 @@ def test_tokenization_cache_key_follows_text_and_tokenizer(tmp_path, tiny_model_
     assert tokcache.tokenizer_hash(tok) != other
 
 
+@pytest.mark.slow
 def test_vocabulary_is_padded_and_padding_ids_are_never_generated(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -155,6 +157,7 @@ def test_largest_fitting_micro_batch_keeps_the_global_batch():
     assert autobatch.largest_fitting(7, lambda s: False) == 1
 
 
+@pytest.mark.slow
 def test_auto_batch_size_probes_down_to_the_largest_micro_batch_that_fits(tmp_path, monkeypatch, capsys):
     """The GPU path, on CPU: the model raises CUDA's out-of-memory error for more than 4 rows, as a GPU
     would, and the device is declared one whose memory is probed. The run must pick 4 x accumulation 4
@@ -205,6 +208,7 @@ class _Callback:
         pass
 
 
+@pytest.mark.slow
 def test_fused_activations_compute_the_same_function_in_one_kernel(tmp_path):
     from engine import model as model_mod
     from engine.testing import inline_plugin
@@ -322,6 +326,7 @@ def test_bench_command_rejects_too_few_steps(tmp_path):
     assert result.returncode == 2 and "--steps" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_shakespeare_recipe_validates_with_speed_defaults():
     result = run_cli("check", "recipes/shakespeare.toml")
     assert result.returncode == 0, result.stderr

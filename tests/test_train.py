@@ -2,8 +2,6 @@
 
 import json
 import math
-import os
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -56,9 +54,9 @@ def test_quickstart_recipe_as_shipped(tmp_path):
 @pytest.mark.slow
 def test_accelerate_launch_one_process_writes_run_folder(tmp_path):
     out = tmp_path / "run"
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    # this interpreter's accelerate (a venv's bin/accelerate script may name another interpreter in its shebang)
     result = subprocess.run(
-        [accelerate, "launch", "--num_processes", "1", "--cpu", "-m", "engine", "recipes/quickstart.toml",
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "-m", "engine", "recipes/quickstart.toml",
          f"train.output_dir={out}", "train.max_steps=6", "train.eval_every_steps=3", "train.sample_prompt=The"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
@@ -159,7 +157,9 @@ class FirstStep:
 
         def record(module, args, kwargs):
             if module.training and context.state.step == 0:
-                FirstStep.batches.append({k: kwargs[k].detach().clone() for k in ("input_ids", "attention_mask")})
+                ids = kwargs["input_ids"].detach().clone()  # the engine drops an all-ones attention mask (engine/feed.py)
+                mask = kwargs.get("attention_mask")
+                FirstStep.batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else mask.detach().clone()})
 
         model.register_forward_pre_hook(record, with_kwargs=True)
 
@@ -225,3 +225,23 @@ def test_runs_in_one_process_each_get_their_own_precision(tmp_path, capsys):
     assert "precision fp32" in out and "precision bf16" in out
     assert fp32["steps"] == bf16["steps"] == 2
     assert bf16["train_loss"] != fp32["train_loss"]  # bf16 autocast rounds differently: it really ran in bf16
+
+
+def test_max_grad_norm_clips_the_update_and_0_turns_clipping_off(tmp_path):
+    """README: train.max_grad_norm clips the gradient norm; 0 turns clipping off. One plain SGD step (lr 0.1,
+    no momentum, no weight decay) moves the weights by exactly lr x the (clipped) gradient norm."""
+    from safetensors.torch import load_file
+
+    moved = {}
+    for clip in (1e-3, 0.0, 1e6):
+        recipe = tiny_recipe(tmp_path / str(clip), callbacks=["first_step"], optimizer="sgd", sgd={"momentum": 0.0},
+                             scheduler="constant", constant={"warmup_ratio": 0.0},
+                             train={"max_steps": 1, "learning_rate": 0.1, "weight_decay": 0.0, "max_grad_norm": clip})
+        recipe["model"]["config"].update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        with inline_plugin("callback", "first_step", FirstStep):
+            run_recipe(recipe)
+        final = load_file(tmp_path / str(clip) / "run" / "final" / "model.safetensors")
+        moved[clip] = torch.sqrt(sum(((final[k] - FirstStep.initial[k]) ** 2).sum() for k in final)).item()
+    assert moved[1e-3] == pytest.approx(0.1 * 1e-3, rel=1e-3)  # clipped to norm 1e-3
+    assert moved[0.0] > 100 * moved[1e-3]  # 0: not clipped
+    assert moved[0.0] == pytest.approx(moved[1e6], rel=1e-6)  # the same as a limit that never bites

@@ -155,17 +155,19 @@ def direct_numbers(model, tokenizer, text, max_length):
     return nats / tokens, tokens, nats / (len(text) + 1) / math.log(2)
 
 
-def test_in_run_evaluation_numbers_equal_an_independent_computation(cli_run):
-    """The run's last evaluation (metrics.json, final weights) against transformers' own loss over the
+def test_in_run_evaluation_numbers_equal_an_independent_computation(tmp_path):
+    """A run's last evaluation (metrics.json, final weights) against transformers' own loss over the
     validation documents, windows overlapping by one token: val_loss, perplexity = exp(val_loss), val_bpc."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine import data as data_mod
     from engine import recipe as recipe_mod
 
-    out, _ = cli_run
+    recipe = tiny_recipe(tmp_path, data={"packing": "concat"}, train={"max_steps": 4})
+    run_recipe(recipe)
+    out = tmp_path / "run"
     metrics = json.loads((out / "metrics.json").read_text())
-    val_docs = data_mod.split_documents(recipe_mod.load(out / "recipe.toml")).val  # which documents: the run's split
+    val_docs = data_mod.split_documents(recipe_mod.from_dict(recipe, "(test)")).val  # which documents: the run's split
     model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
     nats, tokens, characters = direct_val_numbers(model, tokenizer, val_docs, 32)
