@@ -40,11 +40,39 @@ CHUNK_ELEMENTS = 1 << 24  # logits elements per chunk: 64 MiB in fp32
 _POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Forward arguments: input_ids with position_ids (packed examples kept apart, engine/packing.py) or attention_mask."""
+def model_inputs(batch: dict[str, torch.Tensor], model: Any = None) -> dict[str, Any]:
+    """Forward arguments: input_ids with position_ids (packed examples kept apart, engine/packing.py) or attention_mask.
+
+    Under sdpa, packed examples also get their block-diagonal causal mask, built here on the device:
+    transformers would build the same mask from the position ids, but it reads them back to the host
+    first (masking_utils.find_packed_sequence_indices), a sync in every forward pass.
+    """
     if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        if _attention(model) == "sdpa":
+            inputs["attention_mask"] = isolation_mask(batch["position_ids"])
+        return inputs
     return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+
+
+def isolation_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, L, L) booleans, True where a token may attend: an earlier or the same token of its own example.
+
+    An example starts wherever the position ids restart at 0 (engine/packing.py); device ops only, no sync.
+    """
+    example = (position_ids == 0).cumsum(-1)
+    same = example[:, :, None] == example[:, None, :]
+    length = position_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    return (same & causal)[:, None]
+
+
+def _attention(model: Any) -> str | None:
+    """The attention implementation of a (DDP-, compile- or peft-wrapped) transformers model."""
+    inner = getattr(model, "module", model)  # DDP
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile
+    config = getattr(inner, "config", None)
+    return getattr(config, "_attn_implementation", None)
 
 
 def output_layer(model: Any) -> torch.nn.Linear | None:
@@ -78,7 +106,7 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def plain_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(**model_inputs(batch)).logits
+    logits = model(**model_inputs(batch, model)).logits
     targets = batch["labels"][:, 1:]
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX)
 
@@ -90,7 +118,7 @@ def chunked_loss_sum(model: Any, batch: dict[str, torch.Tensor], chunk_elements:
     if head is None or n_targets * head.out_features <= chunk_elements:
         return plain_loss_sum(model, batch)
     with _identity(head):
-        hidden = model(**model_inputs(batch)).logits
+        hidden = model(**model_inputs(batch, model)).logits
     hidden = hidden[:, :-1].flatten(0, 1)
     targets = targets.flatten()
     step = max(1, chunk_elements // head.out_features)
@@ -112,7 +140,7 @@ def fused_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if head is None:
         return plain_loss_sum(model, batch)
     with _identity(head):
-        hidden = model(**model_inputs(batch)).logits
+        hidden = model(**model_inputs(batch, model)).logits
     targets = batch["labels"][:, 1:].flatten()
     fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
     loss = fused(head.weight, hidden[:, :-1].flatten(0, 1), targets, head.bias)

@@ -21,6 +21,8 @@ def _on_host(rows: list[list]) -> list[list]:
 class Curves:
     """Draws curves.png in the run folder at each evaluation and at the end: loss and learning rate against steps and tokens."""
 
+    step_metrics_on_device = True  # keeps each step's loss as the loop has it and reads them all at once when drawing
+
     @dataclass
     class Options:
         filename: str = opt("curves.png", "file name inside the run folder", run_file=True)

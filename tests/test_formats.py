@@ -161,7 +161,7 @@ def _model(attention="sdpa"):
 def _token_losses(model, batch):
     from engine.loss import model_inputs
 
-    logits = model(**model_inputs(batch)).logits[:, :-1].float()
+    logits = model(**model_inputs(batch, model)).logits[:, :-1].float()  # sdpa: the engine's mask; eager: transformers' own
     targets = batch["labels"][:, 1:]
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX).view(targets.shape), targets
 
