@@ -134,15 +134,9 @@ def split_documents(recipe: Any) -> Documents:
         if not val:
             raise UserError(f"data.val: '{d.val}' holds no text; point it at a file with text or leave data.val empty")
         return Documents(train, val, files)
-    order = list(range(len(train)))
-    random.Random(recipe.train.seed).shuffle(order)
-    n_val = int(round(len(train) * d.val_split))
-    if n_val < 1 or n_val >= len(train):
-        raise UserError(
-            f"data.val_split: {d.val_split} of {len(train)} documents leaves an empty "
-            f"{'validation' if n_val < 1 else 'training'} set; add documents, change data.val_split, or set data.val"
-        )
-    val_ids = set(order[:n_val])
+    from engine.formats import held_out
+
+    val_ids = held_out(len(train), recipe.train.seed, d.val_split)
     return Documents([t for i, t in enumerate(train) if i not in val_ids], [train[i] for i in sorted(val_ids)], files)
 
 

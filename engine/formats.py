@@ -163,6 +163,19 @@ class SplitRows:
     train_files: list[str]
 
 
+
+def held_out(n: int, seed: int, val_split: float) -> set[int]:
+    """Which of n training documents (or rows) are held out for validation: a data.val_split share, seeded."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = int(round(n * val_split))
+    if n_val < 1 or n_val >= n:
+        raise UserError(
+            f"data.val_split: {val_split} of {n} documents leaves an empty "
+            f"{'validation' if n_val < 1 else 'training'} set; add documents, change data.val_split, or set data.val"
+        )
+    return set(order[:n_val])
+
 def split_rows(recipe: Any) -> SplitRows:
     """Training and validation rows (data.val, else data.val_split of data.train), checked before any model loads.
 
@@ -177,15 +190,7 @@ def split_rows(recipe: Any) -> SplitRows:
         if not len(val):
             raise UserError(f"data.val: '{d.val}' holds no text; point it at a file with text or leave data.val empty")
         return SplitRows(train, val, files)
-    order = list(range(len(train)))
-    random.Random(recipe.train.seed).shuffle(order)
-    n_val = int(round(len(train) * d.val_split))
-    if n_val < 1 or n_val >= len(train):
-        raise UserError(
-            f"data.val_split: {d.val_split} of {len(train)} documents leaves an empty "
-            f"{'validation' if n_val < 1 else 'training'} set; add documents, change data.val_split, or set data.val"
-        )
-    val_ids = set(order[:n_val])
+    val_ids = held_out(len(train), recipe.train.seed, d.val_split)
     return SplitRows(train.subset([i for i in range(len(train)) if i not in val_ids]), train.subset(sorted(val_ids)), files)
 
 

@@ -36,20 +36,10 @@ from engine.context import EarlyStopDecision, TrainContext, TrainState
 from engine.errors import Interrupted, RunFailed, UserError
 from engine.manager import Plugins
 from engine.recipe import Recipe
-from engine import modelcard, quiet, report, tomlfile
+from engine import modelcard, quant, quiet, report, tomlfile
 from engine import step as step_mod
 from engine.runfolder import check_output_dir, clear_run_files, mark_as_run, save_model
 from engine.samples import sample_at_evaluation
-
-def choose_precision(requested: str) -> str:
-    """Accelerate's mixed_precision value for train.precision."""
-    if requested == "fp32":
-        return "no"
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
 
 
 # ------------------------------------------------------------------ loss and evaluation (engine/evaluation.py)
@@ -91,7 +81,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
     # The process group (PartialState) stays.
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
-        mixed_precision=choose_precision(cfg.precision), dynamo_backend="no",  # train.compile: engine/step.py
+        mixed_precision=quant.precision_of(cfg.precision), dynamo_backend="no",  # train.compile: engine/step.py
         **distributed.accelerator_options(),
     )
     distributed.check_started(recipe.model, accelerator)
