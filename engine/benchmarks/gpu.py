@@ -123,6 +123,7 @@ def flops_per_token(lora: bool) -> float:
 
 def engine_overrides(s: dict, folder: Path, data: Path, steps: int) -> list[str]:
     return [f"model.base={folder}", f"data.train={data}", f"data.max_length={SEQ}", "data.txt_documents=paragraph",
+            'data.packing="concat"',  # the blocks Trainer and the bare loops get (run_clm's group_texts): equal work
             f"lora.enabled={str(s['lora']).lower()}", "lora.r=16", "lora.alpha=32", 'lora.target_modules=["c_attn"]',
             f"train.precision={s['precision']}", f"train.gradient_checkpointing={str(s['checkpointing']).lower()}",
             f"train.batch_size={s['batch']}", f"train.gradient_accumulation_steps={s['accumulation']}",
