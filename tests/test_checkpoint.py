@@ -24,10 +24,10 @@ from engine.errors import Interrupted, RunFailed
 from engine.testing import inline_plugin, run_recipe, tiny_recipe
 from tests.conftest import REPO
 
-# 3 epochs of 21 steps (172 blocks, 8 per step); logs every 3 steps so that a logged loss window
+# 3 epochs of 22 steps of 8 blocks (isolated packing, the default); logs every 3 steps so that a logged loss window
 # spans a checkpoint; periodic checkpoints every 5 steps.
 TRAIN = {"epochs": 3, "max_steps": 0, "batch_size": 8, "save_every_steps": 5, "log_every_steps": 3}
-PER_EPOCH, TOTAL = 21, 63
+PER_EPOCH, TOTAL = 22, 66
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
