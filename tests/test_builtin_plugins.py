@@ -553,7 +553,7 @@ def test_done_when_recipe_with_every_kind_of_plugin_on_shakespeare(shared_data, 
     with inline_plugin("callback", "capture_all", CaptureAll):
         recipe = recipe_mod.load(REPO / "recipes" / "shakespeare_plugins.toml", overrides)
         assert [s.name for s in recipe.plugins if s.kind != "callback"] == [
-            "word_swap", "adamw8bit", "cosine", "patience", "jsonl", "wandb", "sampling"]
+            "word_swap", "adamw8bit", "cosine", "patience", "jsonl", "wandb", "sampling", "text"]
         summary = loop.train(recipe)
     evals = [e["val_loss"] for e in jsonl(out, "eval")]
     best = min(range(len(evals)), key=evals.__getitem__)
