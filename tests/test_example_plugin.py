@@ -67,6 +67,8 @@ def test_recipe_selects_the_example_plugins_and_each_takes_effect(tmp_path, exam
         greedy_ban={"banned_words": ["."], "max_new_tokens": 12},
         train={"max_steps": 30, "eval_every_steps": 15, "log_every_steps": 5},
         model={"tokenizer_vocab_size": 400},
+        # the model these 30 steps train must write a "." unbanned (checked below); with concatenated blocks it does
+        data={"packing": "concat"},
     )
     result = run_cli(str(write_recipe(recipe, tmp_path / "r.toml")), env=example_env)
     assert result.returncode == 0, result.stderr[-3000:]
