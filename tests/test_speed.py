@@ -169,8 +169,8 @@ def test_auto_batch_size_probes_down_to_the_largest_micro_batch_that_fits(tmp_pa
 
     real_load, probed = model_mod.load_model, []
 
-    def load_model(cfg, tokenizer):
-        model = real_load(cfg, tokenizer)
+    def load_model(cfg, tokenizer, *precision):
+        model = real_load(cfg, tokenizer, *precision)
 
         def guard(module, args, kwargs):
             rows = kwargs["input_ids"].shape[0]
