@@ -476,3 +476,20 @@ def test_benchmark_3_measures_what_checkpointing_chunking_and_8bit_state_save(tm
     assert acts[(True, False)] < acts[(False, False)] and acts[(False, True)] < acts[(False, False)]
     assert acts[(True, True)] < min(acts[(True, False)], acts[(False, True)])
     assert r["optimizer"]["adamw8bit_bytes"] < 0.3 * r["optimizer"]["adamw_bytes"]
+
+
+@pytest.mark.slow  # two runs, ~11 s on a shared CPU
+def test_cache_false_writes_nothing_to_the_cache_folders(tmp_path, monkeypatch):
+    """data.cache = false: neither data.cache_dir nor $TUNESMITH_CACHE gets a file, nothing is reused, the run trains."""
+    from engine import tokcache
+
+    env_cache, recipe_cache = tmp_path / "env-cache", tmp_path / "recipe-cache"
+    monkeypatch.setenv("TUNESMITH_CACHE", str(env_cache))
+    before = dict(tokcache.stats)
+    first = run_recipe(tiny_recipe(tmp_path / "a", data={"cache": False}, train={"max_steps": 3}))
+    second = run_recipe(tiny_recipe(tmp_path / "b", data={"cache": False, "cache_dir": str(recipe_cache)}, train={"max_steps": 3}))
+    after = dict(tokcache.stats)
+    for folder in (env_cache, recipe_cache):
+        assert not folder.exists() or not any(p.is_file() for p in folder.rglob("*")), list(folder.rglob("*"))
+    assert after["reused"] == before["reused"] and after["tokenizers_reused"] == before["tokenizers_reused"]
+    assert first["steps"] == second["steps"] == 3 and first["train_loss"] == second["train_loss"]
