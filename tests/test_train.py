@@ -245,3 +245,25 @@ def test_max_grad_norm_clips_the_update_and_0_turns_clipping_off(tmp_path):
     assert moved[1e-3] == pytest.approx(0.1 * 1e-3, rel=1e-3)  # clipped to norm 1e-3
     assert moved[0.0] > 100 * moved[1e-3]  # 0: not clipped
     assert moved[0.0] == pytest.approx(moved[1e6], rel=1e-6)  # the same as a limit that never bites
+
+
+def test_weight_decay_goes_to_matrices_only_biases_and_norms_excluded():
+    """engine.model.param_groups on a tiny GPT-2: the exact split, checked by parameter name."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from engine.model import param_groups
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=64))
+    model.transformer.h[1].mlp.c_fc.weight.requires_grad_(False)  # frozen: in no group
+    groups = param_groups(model, 0.05)
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(name_of[id(p)] for p in groups[0]["params"])
+    not_decayed = sorted(name_of[id(p)] for p in groups[1]["params"])
+    matrices = [f"h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert decayed == sorted(f"transformer.{n}" for n in ["wte.weight", "wpe.weight", *matrices] if n != "h.1.mlp.c_fc.weight")
+    vectors = [f"h.{i}.{m}" for i in range(2) for m in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.c_attn.bias",
+                                                       "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias")]
+    assert not_decayed == sorted(f"transformer.{n}" for n in [*vectors, "ln_f.weight", "ln_f.bias"])
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == sum(p.requires_grad for p in model.parameters())
+    assert not any(p is model.lm_head.weight for p in groups[1]["params"])  # tied to wte: decayed once, as wte
