@@ -101,6 +101,28 @@ def test_augmented_copies_are_seeded_and_validation_is_never_touched(tmp_path):
     assert none.train == plain.train
 
 
+
+@pytest.mark.slow  # two one-epoch runs, ~15 s on a shared CPU
+def test_one_augmented_copy_doubles_the_blocks_and_steps_of_an_epoch_in_a_real_run(tmp_path, capsys):
+    """data.augment_copies = 1 with word_swap, in a real one-epoch run: about twice the training blocks (the
+    copies hold the same words, so the same tokens up to merges), twice the steps; validation unchanged."""
+    import re
+
+    def run(folder, augmentations):
+        recipe = tiny_recipe(tmp_path / folder, augmentations=augmentations, data={"augment_copies": 1},
+                             train={"max_steps": 0, "epochs": 1, "batch_size": 64})
+        summary = run_recipe(recipe)
+        train, val = map(int, re.search(r"data: (\d+) training blocks, (\d+) validation blocks", capsys.readouterr().out).groups())
+        return summary, train, val
+
+    plain, plain_train, plain_val = run("plain", [])
+    augmented, train, val = run("augmented", ["word_swap"])
+    assert val == plain_val
+    assert 1.9 * plain_train <= train <= 2.1 * plain_train, (plain_train, train)
+    assert plain["steps"] == plain_train // 64 and augmented["steps"] == train // 64  # full batches only
+    assert augmented["steps"] >= 2 * plain["steps"]
+
+
 # ------------------------------------------------------------------ optimizers
 def _state_bytes(optimizer):
     return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
