@@ -72,3 +72,28 @@ def test_eval_of_a_lora_checkpoint(tiny_model_dir, tmp_path):
     assert evaluation.evaluate_text(str(run / "checkpoints" / "step-00000004"), data, 32)["kind"] == "checkpoint, LoRA adapter"
     shutil.rmtree(run / "final")  # unfinished: the base model and LoRA from recipe.toml
     assert _loss(run / "checkpoints" / "step-00000008", data) == pytest.approx(final, rel=1e-6)
+
+
+@pytest.mark.slow  # a command-line eval, ~15 s on a shared CPU
+def test_eval_batch_size_does_not_change_the_numbers_of_a_multi_document_folder(tmp_path, tiny_model_dir):
+    """`eval --batch-size N` on a folder of documents of different lengths (short last blocks, padding in a
+    batch): the same loss, tokens and bits per character for every batch size, from the command line too."""
+    import random
+
+    from engine.testing import WORDS
+
+    rng = random.Random(5)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i, n_docs in enumerate([1, 3, 6]):
+        docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 60))) + "." for _ in range(n_docs)]
+        (folder / f"part{i}.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    results = [evaluation.evaluate_text(str(tiny_model_dir), str(folder), max_length=32, batch_size=b) for b in (1, 3, 16)]
+    assert results[0]["documents"] == 10 and results[0]["blocks"] > 3
+    for other in results[1:]:
+        assert other["tokens"] == results[0]["tokens"] and other["blocks"] == results[0]["blocks"]
+        assert other["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
+        assert other["bits_per_character"] == pytest.approx(results[0]["bits_per_character"], rel=1e-5)
+    done = run_cli("eval", str(tiny_model_dir), "--data", str(folder), "--max-length", "32", "--batch-size", "5", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
