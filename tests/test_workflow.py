@@ -272,6 +272,44 @@ def test_merge_refuses_full_runs_and_non_empty_folders(cli_run, lora_run, tmp_pa
     assert not (tmp_path / "m").exists() and sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["x.txt"]
 
 
+
+@pytest.mark.slow  # two merges, ~14 s on a shared CPU
+def test_merge_an_adapter_folder_given_directly_into_a_standalone_fp32_model(lora_run, tiny_model_dir, tmp_path, capsys):
+    """merge ADAPTER OUT with an adapter folder outside any run, on a base saved in bf16: the merged model is
+    fp32 by default (every tensor), equals base (upcast) + adapter; --dtype bf16 keeps bf16."""
+    import shutil
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base16 = tmp_path / "base-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(base16)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(base16)
+    assert {t.dtype for t in load_file(base16 / "model.safetensors").values()} == {torch.bfloat16}
+    adapter = tmp_path / "my-adapter"  # not a run's final/: no recipe.toml above it
+    shutil.copytree(lora_run / "final", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base16)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+
+    status, out, err = engine_cli(capsys, "merge", str(adapter), str(tmp_path / "merged"))
+    assert status == 0, err[-3000:]
+    assert out.startswith(f"merged {adapter} into its base model: {tmp_path / 'merged'}")
+    tensors = load_file(tmp_path / "merged" / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float32} and not any("lora" in n for n in tensors)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = AutoTokenizer.from_pretrained(tmp_path / "merged")(["The harbour town at evening"], return_tensors="pt")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(base16, dtype=torch.float32).eval()
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(base, adapter).eval()(ids).logits
+        torch.testing.assert_close(merged(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+    status, _, err = engine_cli(capsys, "merge", str(adapter), str(tmp_path / "merged16"), "--dtype", "bf16")
+    assert status == 0, err[-3000:]
+    assert {t.dtype for t in load_file(tmp_path / "merged16" / "model.safetensors").values()} == {torch.bfloat16}
+
+
 # ------------------------------------------------------------------ runs
 def test_runs_compares_metrics_and_differing_keys_and_plots(cli_run, lora_run, tmp_path, capsys):
     out, _ = cli_run
