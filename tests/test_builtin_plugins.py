@@ -18,7 +18,7 @@ from engine import hookimpl
 from engine import recipe as recipe_mod
 from engine.errors import UserError
 from engine.manager import Plugins
-from engine.testing import inline_plugin, run_recipe, tiny_recipe, write_corpus
+from engine.testing import inline_plugin, run_recipe, tiny_recipe, write_corpus, write_recipe
 from tests.conftest import REPO, direct_val_numbers, run_cli
 
 
@@ -406,6 +406,45 @@ def test_wandb_offline_run_holds_recipe_and_metrics_at_their_steps(tmp_path, off
     assert {s: h["eval/val_loss"] for s, h in history.items() if "eval/val_loss" in h} == pytest.approx(evals)
     assert {s: h["train/loss"] for s, h in history.items() if "train/loss" in h} == pytest.approx(trains)
     assert not any(k in h for h in history.values() for k in ("loss", "val_loss"))  # only prefixed names
+
+
+def test_wandb_project_variable_wins_and_the_summary_reaches_the_run(tmp_path, offline_wandb, monkeypatch):
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    summary = run_recipe(tiny_recipe(tmp_path, sinks=["jsonl", "wandb"], wandb={"project": "from-recipe"}, train={"max_steps": 3}))
+    offline_wandb()
+    (path,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))
+    records = wandb_records(path)
+    run, _, _ = wandb_run(tmp_path)
+    assert run.project == "from-env"  # WANDB_PROJECT wins over wandb.project
+    logged = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            logged.update({i.key: json.loads(i.value_json) for i in r.summary.update})
+    assert logged["steps"] == summary["steps"] == 3
+    assert logged["train_loss"] == pytest.approx(summary["train_loss"]) and logged["val_loss"] == pytest.approx(summary["val_loss"])
+
+
+def test_wandb_without_a_login_stops_with_exit_2_saying_what_to_do(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    from engine import cli
+
+    wandb.teardown()
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no wandb settings: no login
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    recipe = write_recipe(tiny_recipe(tmp_path, sinks=["jsonl", "wandb"], train={"max_steps": 2}), tmp_path / "r.toml")
+    try:
+        status = cli.main([str(recipe)])
+    finally:
+        wandb.teardown()
+    err = capsys.readouterr().err
+    assert status == 2, err[-2000:]
+    assert "wandb: could not start a run" in err and "WANDB_MODE=offline" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "final").exists()
 
 
 def test_wandb_logs_only_on_the_main_process(tmp_path):
