@@ -151,21 +151,6 @@ def augment(documents: list[str], copies: int, augment_one: Any, seed: int) -> l
     return documents + extra
 
 
-def run_documents(recipe: Any, plugins: Any) -> Documents:
-    """The run's documents: split into training and validation, then the training ones augmented.
-
-    The selected augmentation plugins run in recipe order on data.augment_copies copies of every
-    training document, with one generator seeded by train.seed; validation documents are never touched.
-    """
-    docs = split_documents(recipe)
-    if plugins.of_kind("augmentation") and recipe.data.augment_copies:
-        vocabulary = corpus_vocabulary(docs.train)
-        docs.train = augment(
-            docs.train, recipe.data.augment_copies, lambda text, rng: plugins.augment(text, rng, vocabulary), recipe.train.seed
-        )
-    return docs
-
-
 # ------------------------------------------------------------------ token blocks
 def tokenize(documents: Sequence[str], tokenizer: Any) -> list[list[int]]:
     """Token ids of each document followed by EOS."""

@@ -86,7 +86,14 @@ def test_augmented_copies_are_seeded_and_validation_is_never_touched(tmp_path):
             tmp_path / folder, augmentations=["word_swap", "word_insertion"], word_insertion={"probability": 0.2},
             data={"val": str(val), "augment_copies": copies}, train={"seed": seed},
         )
-        return data_mod.split_documents(recipe), data_mod.run_documents(recipe, plugins)
+        from types import SimpleNamespace
+
+        from engine import formats
+
+        def texts(split):  # the path a run takes: rows (engine/formats.py), their data.text_field
+            return SimpleNamespace(train=[r["text"] for r in split.train.items], val=[r["text"] for r in split.val.items])
+
+        return texts(formats.split_rows(recipe)), texts(formats.run_rows(recipe, plugins))
 
     plain, docs = documents(1)
     n = len(plain.train)
