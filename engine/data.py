@@ -60,6 +60,19 @@ def check_utf8(path: str, key: str) -> None:
         ) from None
 
 
+def open_dataset(name: str, spec: str, key: str) -> Any:
+    """The train split of a datasets name (recipe key `key` gave `spec`); one clear error when it cannot be loaded."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split="train")
+    except Exception as exc:
+        raise UserError(
+            f"{key}: '{spec}' is not a file, glob or folder, and loading it as a dataset failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+
+
 def load_documents(spec: str, key: str, data_cfg: Any) -> tuple[list[str], list[str]]:
     """Read every document of a data source. Returns (documents, files read)."""
     import datasets
@@ -68,14 +81,7 @@ def load_documents(spec: str, key: str, data_cfg: Any) -> tuple[list[str], list[
     datasets.logging.set_verbosity_error()
     kind, items = resolve_source(spec, key)
     if kind == "dataset":
-        try:
-            ds = datasets.load_dataset(items[0], split="train")
-        except Exception as exc:
-            raise UserError(
-                f"{key}: '{spec}' is not a file, glob or folder, and loading it as a dataset failed "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-            ) from None
-        return _column(ds, data_cfg.text_field, key, spec), []
+        return _column(open_dataset(items[0], spec, key), data_cfg.text_field, key, spec), []
     docs: list[str] = []
     for path in items:
         fmt = FORMATS.get(Path(path).suffix.lower(), "text")

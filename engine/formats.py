@@ -100,14 +100,7 @@ def load_rows(spec: str, key: str, data_cfg: Any) -> tuple[Rows, list[str]]:
     kind, items = data_mod.resolve_source(spec, key)
     rows = Rows()
     if kind == "dataset":
-        try:
-            ds = datasets.load_dataset(items[0], split="train")
-        except Exception as exc:
-            raise UserError(
-                f"{key}: '{spec}' is not a file, glob or folder, and loading it as a dataset failed "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-            ) from None
-        for i, row in enumerate(ds):
+        for i, row in enumerate(data_mod.open_dataset(items[0], spec, key)):
             if not _is_empty(row):
                 rows.items.append(dict(row))
                 rows.where.append(f"{spec}: row {i + 1}")

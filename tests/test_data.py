@@ -42,3 +42,23 @@ def test_glob_and_folder_read_every_matching_file_in_order(tmp_path):
         (tmp_path / f"part{i}.txt").write_text(d + "\n", encoding="utf-8")
     assert [d.strip() for d in read(tmp_path / "part*.txt")] == DOCS
     assert [d.strip() for d in read(tmp_path)] == DOCS  # a folder: every supported file in it
+
+
+def test_a_datasets_name_that_cannot_be_loaded_is_one_error_naming_the_key(monkeypatch):
+    """A data.train that is no file, glob or folder is tried as a datasets name; its failure is a UserError
+    naming the key, for plain documents (data.load_documents) and for rows of any format (formats.load_rows)."""
+    import datasets
+
+    from engine import data as data_mod
+    from engine import formats
+    from engine.recipe import DataSection
+
+    def refuse(name, split):
+        raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub or cannot be accessed.")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    expected = r"data.train: 'no_such_set' is not a file, glob or folder, and loading it as a dataset failed \(FileNotFoundError: Dataset 'no_such_set'"
+    with pytest.raises(UserError, match=expected):
+        data_mod.load_documents("no_such_set", "data.train", DataSection(train="x"))
+    with pytest.raises(UserError, match=expected):
+        formats.load_rows("no_such_set", "data.train", DataSection(train="x"))
