@@ -106,10 +106,7 @@ def evaluate_answers(folder: Any, recipe_table: dict[str, Any], format_name: str
         "examples": len(examples),
         "max_length": length,
         "blocks": len(blocks),
-        "tokens": result["val_tokens"],
-        "loss": result["val_loss"],
-        "perplexity": result["perplexity"],
-        "bits_per_character": result["val_bpc"],
+        **evaluation.reported(result),
         "notes": lines,
     }
     if generate:

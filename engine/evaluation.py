@@ -116,10 +116,7 @@ def evaluate_text(model_path: str, data: str, max_length: int = 0, batch_size: i
         "characters": n_chars,
         "max_length": length,
         "blocks": len(blocks),
-        "tokens": result["val_tokens"],
-        "loss": result["val_loss"],
-        "perplexity": result["perplexity"],
-        "bits_per_character": result["val_bpc"],
+        **reported(result),
     }
 
 
@@ -138,3 +135,9 @@ def result_table(result: dict[str, Any]) -> str:
         ("bits/char", f"{result['bits_per_character']:.4f}"),
     ]
     return "\n".join(report.label_lines(rows))
+
+
+def reported(result: dict[str, Any]) -> dict[str, Any]:
+    """evaluate()'s numbers under the names `python -m engine eval` reports them."""
+    return {"tokens": result["val_tokens"], "loss": result["val_loss"], "perplexity": result["perplexity"],
+            "bits_per_character": result["val_bpc"]}
