@@ -141,11 +141,13 @@ class OptimizerStep:
             finally:
                 del inner.found_inf
             return
-        # fp16: GradScaler passes its own found_inf to the fused kernel; add ours to it
+        # fp16: GradScaler passes its own found_inf to the fused kernel; ours joins it as a logical or. Not a sum:
+        # the kernel skips only when found_inf == 1 and then subtracts found_inf from the step count, so a NaN
+        # loss (whose gradients overflow too) flagged as 2 would be applied (torch/optim/adam.py _fused_adam).
         if self.max_grad_norm <= 0:
-            self.accelerator.unscale_gradients()
+            self.accelerator.unscale_gradients()  # clip_grad_norm_ did it otherwise; GradScaler.step then won't again
         for flag in scaler._per_optimizer_states[id(inner)]["found_inf_per_device"].values():
-            flag.add_(bad.to(flag.device, flag.dtype))
+            torch.maximum(flag, bad.to(flag.device, flag.dtype), out=flag)
         self.optimizer.step()
 
     def _checked_update(self, bad: torch.Tensor, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:

@@ -280,36 +280,83 @@ def test_a_plugin_that_reads_on_step_end_gets_floats_every_step(tmp_path):
     assert kinds == [("float", "float")] * 4
 
 
-def test_fp16_with_grad_scaler_skips_a_non_finite_step_without_a_sync():
-    """fp16's GradScaler (CPU stand-in: torch.amp.GradScaler("cpu")): the step's non-finite flag joins the
-    scaler's found_inf, the fused kernel skips the update, the scale backs off, and training goes on."""
+def fp16_setup(monkeypatch, max_grad_norm, on_nan="skip", fp16=True, sgd=False):
+    """Accelerate's fp16 on CUDA, stood in for on CPU: a GradScaler("cpu") in place of the CUDA one, and the
+    accelerator marked fp16 + native AMP so that clip_grad_norm_ / unscale_gradients really unscale
+    (Accelerator.unscale_gradients does nothing unless native_amp and mixed_precision == "fp16").
+    fp16=False: the same model and optimizer without a scaler (the reference)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from transformers import GPT2Config, GPT2LMHeadModel
 
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=True)
-    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=16.0)  # what Accelerate builds for fp16 on CUDA
+    if fp16:
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=16.0)  # what Accelerate builds for fp16 on CUDA
+        accelerator.native_amp = True
+        monkeypatch.setattr(accelerator.state, "_mixed_precision", "fp16")
+        monkeypatch.setattr(accelerator, "autocast", contextlib.nullcontext)  # fp32 math: the scaler path is under test
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=96, bos_token_id=0,
                                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    if sgd:  # an update linear in the gradient: shows a gradient unscaled twice (Adam would hide it)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, fused=True)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
-    step = step_mod.OptimizerStep(model, optimizer, scheduler, accelerator, lambda m, b: token_loss_sum(m, b, False)[0], 1.0, "skip")
+    step = step_mod.OptimizerStep(model, optimizer, scheduler, accelerator, lambda m, b: token_loss_sum(m, b, False)[0],
+                                  max_grad_norm, on_nan)
+    return accelerator, model, step
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
+def test_fp16_with_grad_scaler_skips_a_non_finite_step_without_a_sync(monkeypatch, max_grad_norm):
+    """fp16's GradScaler: the step's non-finite flag joins the scaler's found_inf (after the gradients are
+    unscaled, by clipping or, without clipping, by the step itself), the fused kernel skips the update and
+    leaves moments and step count alone, the scale backs off, and training goes on. A NaN loss also makes
+    the gradients NaN, so the scaler's own flag is set too: the two must combine to 1, never 2 (the fused
+    kernel skips only on found_inf == 1, and subtracts found_inf from the step count)."""
+    accelerator, model, step = fp16_setup(monkeypatch, max_grad_norm)
     data, n = batches(), tokens_of(batches())
     with no_device_reads():
         first = step(data, n)
     before = snapshot(model)
+    inner = step_mod.inner_optimizer(step.optimizer)
+    state_before = {k: v.clone() for k, v in inner.state[next(model.parameters())].items()}
     handle = poisoned(model)
     with no_device_reads():
         bad = step(data, n)
     handle.remove()
-    assert not bool(bad.finite) and all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+    assert not bool(bad.finite)
+    for name, value in snapshot(model).items():
+        assert torch.equal(value, before[name]), name
+    for key, value in inner.state[next(model.parameters())].items():
+        assert torch.equal(value, state_before[key]), key  # moments and step count untouched
     assert accelerator.scaler.get_scale() == 8.0  # backed off, as after an overflow
     with no_device_reads():
         good = step(data, n)
     assert bool(good.finite) and float(good.loss) < float(first.loss)
+    assert float(inner.state[next(model.parameters())]["step"]) == 2  # the skipped step not counted
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e6, 0.0])
+def test_fp16_unscales_the_gradients_exactly_once(monkeypatch, max_grad_norm):
+    """At scale 16 the fp16 path's update (plain SGD: linear in the gradient) matches the one without a scaler,
+    with clipping (the scaler unscales in clip_grad_norm_) and without (the step unscales before the update);
+    unscaled twice it would be 16 times smaller, never unscaled 16 times larger. (fp16 autocast on the
+    forward pass makes the two differ by rounding, hence the tolerance.)"""
+    updates, norms = {}, {}
+    for fp16 in (True, False):
+        _, model, step = fp16_setup(monkeypatch, max_grad_norm, fp16=fp16, sgd=True)
+        before = snapshot(model)
+        out = step(batches(), tokens_of(batches()))
+        updates[fp16] = torch.cat([(value - before[name]).flatten() for name, value in snapshot(model).items()])
+        norms[fp16] = out.grad_norm
+    assert 0.98 < float(updates[True].norm() / updates[False].norm()) < 1.02
+    assert float(torch.nn.functional.cosine_similarity(updates[True], updates[False], dim=0)) > 0.999
+    if max_grad_norm:
+        assert 0.98 < float(norms[True] / norms[False]) < 1.02
 
 
 def test_a_nan_found_at_the_next_read_stops_naming_its_step_and_writes_no_checkpoint_after_it(tmp_path, capsys):
