@@ -99,6 +99,13 @@ class OptimizerStep:
         accelerator, model = self.accelerator, self.model
         scale = accelerator.num_processes / step_tokens
         total = torch.zeros((), dtype=torch.float32, device=accelerator.device)
+        if self.cuda_graphs and len(batches) > 1:
+            # A gradient the recorded backward creates lives in the CUDA graphs' memory and is overwritten when
+            # the next micro-batch's graphs run, before it is accumulated into (torch/_inductor/cudagraph_trees.py
+            # format_dealloc_msg). Accumulate into zeroed .grad buffers made here, outside the graphs.
+            for p in model.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
         for i, batch in enumerate(batches):
             sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
             with sync:

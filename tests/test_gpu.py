@@ -124,3 +124,47 @@ def test_the_training_loop_never_syncs_between_log_steps_on_cuda(tmp_path, monke
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert summary["steps"] == 8
+
+
+def test_cuda_graphs_accumulate_the_gradients_of_every_micro_batch():
+    """train.cuda_graphs with 2 micro-batches per step: the same weights as the eager step, step after step.
+    A .grad made by the recorded backward is overwritten by the next micro-batch's replay (torch raises
+    "accessing gradient tensor output of CUDAGraphs that has been overwritten", or the step silently keeps
+    one micro-batch's gradient); the step accumulates into .grad buffers made outside the graphs."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from engine import model as model_mod
+    from engine import step as step_mod
+    from engine.loss import token_loss_sum
+
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(2):
+        ids = torch.randint(0, 256, (2, 32), generator=g)
+        data.append({"input_ids": ids.cuda(), "labels": ids.clone().cuda()})
+    tokens = 2 * 2 * 31
+    weights = {}
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        AcceleratorState._reset_state(reset_partial_state=False)
+        accelerator = Accelerator()
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=256,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        model_mod.skip_padding_check(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, fused=True)  # linear in the gradient
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        step = step_mod.OptimizerStep(model, optimizer, scheduler, accelerator, lambda m, b: token_loss_sum(m, b, "plain")[0],
+                                      1.0, "stop", compile=graphs, cuda_graphs=graphs)
+        weights[graphs] = []
+        for _ in range(4):  # warm-up, recording, then replays
+            out = step(data, tokens)
+            weights[graphs].append({n: p.detach().clone() for n, p in model.named_parameters()})
+        assert bool(out.finite)
+    torch._dynamo.reset()
+    for eager, graphed in zip(weights[False], weights[True]):
+        for name, value in eager.items():
+            torch.testing.assert_close(graphed[name], value, rtol=1e-3, atol=1e-4)

@@ -122,9 +122,12 @@ def test_the_guard_catches_a_sync_added_to_the_step():
         step(data, n)
 
 
-def test_the_step_takes_the_gradient_of_the_token_mean_over_its_micro_batches():
-    """Two micro-batches of 2 give the gradient of one batch of 4: the mean over all target tokens of the step."""
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_the_step_takes_the_gradient_of_the_token_mean_over_its_micro_batches(cuda_graphs):
+    """Two micro-batches of 2 give the gradient of one batch of 4: the mean over all target tokens of the step.
+    cuda_graphs: the same through the zeroed .grad buffers made for CUDA graphs (test_gpu.py checks the graphs)."""
     model_a, step_a = tiny_setup()
+    step_a.cuda_graphs = cuda_graphs
     data = batches(2)
     step_a.forward_backward(data, tokens_of(data))
     model_b, step_b = tiny_setup()
