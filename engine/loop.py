@@ -144,7 +144,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
     if cfg.auto_batch_size:  # same global batch: a larger micro-batch with less accumulation, or the reverse
         batch_size, accumulation = autobatch.choose(
             model, lambda m, b: token_loss_sum(m, b, loss_way(b["input_ids"].shape[0])[0]), accelerator, batch_size, accumulation,
-            recipe.data.max_length, len(tokenizer), log,
+            recipe.data.max_length, len(tokenizer), log, optimizer,
         )
     loss_name, why = loss_way(batch_size)
     log(f"loss: {why}")

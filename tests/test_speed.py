@@ -157,6 +157,57 @@ def test_largest_fitting_micro_batch_keeps_the_global_batch():
     assert autobatch.largest_fitting(7, lambda s: False) == 1
 
 
+def test_auto_batch_size_probes_with_the_optimizer_state_already_made(monkeypatch):
+    """AdamW's state (two fp32 copies of the weights) is made before the probes, by a step the fused kernel
+    skips: the probes measure the memory the run will hold, and the state and weights equal fresh ones, so the
+    first real step is the same as without probing. Without it a micro-batch that fitted in the probe could
+    run out of memory at the first step. Other optimizers get a line saying their state is not counted."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from engine import autobatch
+    from engine.loss import token_loss_sum
+    from engine.step import inner_optimizer
+
+    def setup(fused):
+        AcceleratorState._reset_state(reset_partial_state=False)
+        accelerator = Accelerator(cpu=True)
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=64, attn_pdrop=0.0,
+                                           resid_pdrop=0.0, embd_pdrop=0.0))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused or None)
+        return (accelerator, *accelerator.prepare(model, optimizer))
+
+    monkeypatch.setattr(autobatch, "probes_memory", lambda device: True)
+    accelerator, model, optimizer = setup(True)
+    inner, before = inner_optimizer(optimizer), {n: p.detach().clone() for n, p in model.named_parameters()}
+    states_at_probe, lines = [], []
+
+    def loss_fn(m, b):
+        states_at_probe.append(len(inner.state))
+        return token_loss_sum(m, b, "plain")
+
+    autobatch.choose(model, loss_fn, accelerator, 2, 1, 16, 64, lines.append, optimizer)
+    n_params = len(list(model.parameters()))
+    assert states_at_probe and all(n == n_params for n in states_at_probe)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    for state in inner.state.values():
+        assert float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    after = {}
+    for name, (acc, m, opt) in (("probed", (accelerator, model, optimizer)), ("fresh", setup(True))):
+        token_loss_sum(m, {"input_ids": ids, "labels": ids}, "plain")[0].backward()
+        opt.step()
+        after[name] = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for n, value in after["fresh"].items():
+        assert torch.equal(after["probed"][n], value), n
+    accelerator, model, optimizer = setup(False)
+    lines.clear()
+    autobatch.choose(model, lambda m, b: token_loss_sum(m, b, "plain"), accelerator, 2, 1, 16, 64, lines.append, optimizer)
+    assert not inner_optimizer(optimizer).state and "makes its state at the first step" in lines[0]
+
+
 @pytest.mark.slow
 def test_auto_batch_size_probes_down_to_the_largest_micro_batch_that_fits(tmp_path, monkeypatch, capsys):
     """The GPU path, on CPU: the model raises CUDA's out-of-memory error for more than 4 rows, as a GPU
