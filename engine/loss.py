@@ -2,7 +2,9 @@
 
 - fused: liger-kernel's fused linear cross-entropy (pip install 'tunesmith[gpu]'; CUDA only). The
   output layer and the loss run as one kernel over chunks of tokens: no full logits, at the speed
-  of the plain way.
+  of the plain way. It computes the gradients during the forward pass, and reads the device twice
+  per call (liger_kernel/ops/fused_linear_cross_entropy.py: the target count by .item(), and
+  torch.equal(grad_output, 1) in backward): the one sync the engine's step cannot avoid.
 - plain: logits for every position, upcast to fp32, then the cross-entropy. Fastest without a fused
   kernel, and the most memory.
 - chunked: the output layer applied to chunks of tokens under checkpointing (below). Least memory
