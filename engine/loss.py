@@ -152,8 +152,26 @@ def fused_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 LOSSES = {"plain": plain_loss_sum, "chunked": chunked_loss_sum, "fused": fused_loss_sum}
 
 
+LIGER_MIN = (0, 5, 3)  # 0.5.0-0.5.2 fail under bf16/fp16 autocast with fp32 weights (addmm dtype mismatch; liger #501)
+
+
+def liger_version() -> tuple[int, ...] | None:
+    """The installed liger-kernel's version as numbers, or None when it is not installed."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version("liger-kernel")).release
+    except (PackageNotFoundError, InvalidVersion):
+        return None
+
+
 def fused_available(device: torch.device) -> bool:
-    return device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    found = liger_version()
+    return device.type == "cuda" and found is not None and found >= LIGER_MIN
 
 
 def logits_bytes(micro_batch: int, seq_len: int, vocab: int, half: bool) -> int:
@@ -176,8 +194,12 @@ def choose(requested: str, model: Any, device: torch.device, micro_batch: int, s
     from engine.errors import UserError
 
     head = output_layer(model)
+    found = liger_version()
     if requested == "fused" and not fused_available(device):
-        missing = "" if importlib.util.find_spec("liger_kernel") else "; liger-kernel is not installed: pip install 'tunesmith[gpu]'"
+        missing = "; liger-kernel is not installed: pip install 'tunesmith[gpu]'" if found is None else ""
+        if found is not None and found < LIGER_MIN:
+            missing = (f"; the installed liger-kernel {'.'.join(map(str, found))} fails under mixed precision, "
+                       f"{'.'.join(map(str, LIGER_MIN))} or later is needed: pip install -U 'tunesmith[gpu]'")
         raise UserError(
             f'train.chunked_loss: "fused" needs liger-kernel and a CUDA GPU (this run is on {device.type}{missing}); '
             f'use "auto", "plain" or "chunked"'
@@ -188,10 +210,12 @@ def choose(requested: str, model: Any, device: torch.device, micro_batch: int, s
         return "plain", "plain (auto: the output layer is not a plain Linear, or the model changes logits after it)"
     if fused_available(device):
         return "fused", "fused linear cross-entropy from liger-kernel (auto: installed, on CUDA)"
+    too_old = (f"; liger-kernel {'.'.join(map(str, found))} is installed but too old, {'.'.join(map(str, LIGER_MIN))} or later "
+           f"is needed for its fused loss" if device.type == "cuda" and found is not None else "")
     need, have = logits_bytes(micro_batch, seq_len, head.out_features, half), memory_of(device)
     if need <= have // 4:
-        return "plain", f"plain (auto: the logits take {need / 2**30:.2f} GiB, at most a quarter of {have / 2**30:.0f} GiB)"
-    return "chunked", f"chunked (auto: the logits would take {need / 2**30:.2f} GiB, over a quarter of {have / 2**30:.0f} GiB)"
+        return "plain", f"plain (auto: the logits take {need / 2**30:.2f} GiB, at most a quarter of {have / 2**30:.0f} GiB{too_old})"
+    return "chunked", f"chunked (auto: the logits would take {need / 2**30:.2f} GiB, over a quarter of {have / 2**30:.0f} GiB{too_old})"
 
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], chunked: bool | str = True) -> tuple[torch.Tensor, torch.Tensor]:

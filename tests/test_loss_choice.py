@@ -37,6 +37,24 @@ def test_auto_takes_the_fused_kernel_where_it_is_available(monkeypatch):
     assert way == "fused" and "liger-kernel" in why
 
 
+def test_auto_passes_over_a_liger_kernel_too_old_for_mixed_precision(monkeypatch):
+    """liger-kernel 0.5.0-0.5.2 raise a dtype error at the first step under bf16/fp16 autocast with fp32 weights
+    (its addmm of bf16 logits with fp32 hidden states, liger issue #501, fixed in 0.5.3): auto takes the plain or
+    chunked way and says why; "fused" is refused naming the version."""
+    cuda = torch.device("cuda")  # only the device type is looked at; memory is stood in for
+    monkeypatch.setattr(loss_mod, "memory_of", lambda device: 80 << 30)
+    monkeypatch.setattr(loss_mod, "liger_version", lambda: (0, 5, 2))
+    way, why = loss_mod.choose("auto", tiny_model(), cuda, 4, 32, half=True)
+    assert way == "plain" and "liger-kernel 0.5.2 is installed but too old, 0.5.3 or later is needed" in why
+    with pytest.raises(UserError, match=r"the installed liger-kernel 0.5.2 fails under mixed precision, 0.5.3 or later"):
+        loss_mod.choose("fused", tiny_model(), cuda, 4, 32, half=True)
+    monkeypatch.setattr(loss_mod, "liger_version", lambda: (0, 5, 3))
+    assert loss_mod.choose("auto", tiny_model(), cuda, 4, 32, half=True)[0] == "fused"
+    monkeypatch.setattr(loss_mod, "liger_version", lambda: None)
+    way, why = loss_mod.choose("auto", tiny_model(), cuda, 4, 32, half=True)
+    assert way == "plain" and "too old" not in why
+
+
 def test_fused_without_a_gpu_or_liger_is_refused_naming_the_key():
     with pytest.raises(UserError, match=r'train.chunked_loss: "fused" needs liger-kernel and a CUDA GPU \(this run is on cpu'):
         loss_mod.choose("fused", tiny_model(), torch.device("cpu"), 4, 32, half=False)
