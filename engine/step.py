@@ -140,28 +140,39 @@ class OptimizerStep:
 
     def _guarded_update(self, bad: torch.Tensor) -> None:
         inner = inner_optimizer(self.optimizer)
-        scaler = self.accelerator.scaler
-        if scaler is None:
+        if self.accelerator.scaler is None:
             inner.found_inf = bad.float()
             try:
                 self.optimizer.step()
             finally:
                 del inner.found_inf
             return
-        # fp16: GradScaler passes its own found_inf to the fused kernel; ours joins it as a logical or. Not a sum:
-        # the kernel skips only when found_inf == 1 and then subtracts found_inf from the step count, so a NaN
-        # loss (whose gradients overflow too) flagged as 2 would be applied (torch/optim/adam.py _fused_adam).
+        self._join_scaler_found_inf(bad)
+        self.optimizer.step()
+
+    def _join_scaler_found_inf(self, bad: torch.Tensor) -> None:
+        """fp16: our flag joins GradScaler's found_inf, which decides whether its step() updates and how update() moves the scale.
+
+        A logical or, not a sum: the fused kernel skips only when found_inf == 1 and then subtracts found_inf
+        from the step count, so a NaN loss (whose gradients overflow too) flagged as 2 would be applied
+        (aten fused_adam_utils.cuh; torch/optim/adam.py _fused_adam).
+        """
         if self.max_grad_norm <= 0:
             self.accelerator.unscale_gradients()  # clip_grad_norm_ did it otherwise; GradScaler.step then won't again
-        for flag in scaler._per_optimizer_states[id(inner)]["found_inf_per_device"].values():
+        inner = inner_optimizer(self.optimizer)
+        for flag in self.accelerator.scaler._per_optimizer_states[id(inner)]["found_inf_per_device"].values():
             torch.maximum(flag, bad.to(flag.device, flag.dtype), out=flag)
-        self.optimizer.step()
 
     def _checked_update(self, bad: torch.Tensor, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
         if bool(bad):  # one host read per step: this optimizer cannot skip an update by itself
             if self.on_nan == "stop":
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteStep(float(loss), float(grad_norm) if grad_norm is not None else None)
+            if self.accelerator.scaler is not None:
+                # fp16: GradScaler must still finish its step (clip_grad_norm_ unscaled already: without its
+                # update() the next unscale_ raises); flagged, its step() skips the update and update() backs off
+                self._join_scaler_found_inf(bad)
+                self.optimizer.step()
             return
         self.optimizer.step()
 

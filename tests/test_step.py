@@ -283,7 +283,7 @@ def test_a_plugin_that_reads_on_step_end_gets_floats_every_step(tmp_path):
     assert kinds == [("float", "float")] * 4
 
 
-def fp16_setup(monkeypatch, max_grad_norm, on_nan="skip", fp16=True, sgd=False):
+def fp16_setup(monkeypatch, max_grad_norm, on_nan="skip", fp16=True, sgd=False, fused=True):
     """Accelerate's fp16 on CUDA, stood in for on CPU: a GradScaler("cpu") in place of the CUDA one, and the
     accelerator marked fp16 + native AMP so that clip_grad_norm_ / unscale_gradients really unscale
     (Accelerator.unscale_gradients does nothing unless native_amp and mixed_precision == "fp16").
@@ -303,9 +303,9 @@ def fp16_setup(monkeypatch, max_grad_norm, on_nan="skip", fp16=True, sgd=False):
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=96, bos_token_id=0,
                                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     if sgd:  # an update linear in the gradient: shows a gradient unscaled twice (Adam would hide it)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, fused=True)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, fused=fused or None)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     step = step_mod.OptimizerStep(model, optimizer, scheduler, accelerator, lambda m, b: token_loss_sum(m, b, False)[0],
@@ -341,6 +341,26 @@ def test_fp16_with_grad_scaler_skips_a_non_finite_step_without_a_sync(monkeypatc
         good = step(data, n)
     assert bool(good.finite) and float(good.loss) < float(first.loss)
     assert float(inner.state[next(model.parameters())]["step"]) == 2  # the skipped step not counted
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
+def test_fp16_with_an_optimizer_without_found_inf_skips_a_non_finite_step_and_goes_on(monkeypatch, max_grad_norm):
+    """fp16 with an optimizer that reads the flag on the host (8-bit AdamW, adamw.fused = false): a skipped step
+    still goes through GradScaler, which skips the update and lowers its scale. Leaving it out left the scaler
+    mid-step (unscaled by clipping, never updated), so the next step's unscale_ raised "unscale_() has already
+    been called on this optimizer since the last update()"."""
+    accelerator, model, step = fp16_setup(monkeypatch, max_grad_norm, fused=False)
+    assert not step.sync_free
+    data, n = batches(), tokens_of(batches())
+    first = step(data, n)
+    before = snapshot(model)
+    handle = poisoned(model)
+    bad = step(data, n)
+    handle.remove()
+    assert not bool(bad.finite) and all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+    good = step(data, n)
+    assert accelerator.scaler.get_scale() == 8.0  # backed off, as after an overflow
+    assert bool(good.finite) and float(good.loss) < float(first.loss)
 
 
 @pytest.mark.parametrize("max_grad_norm", [1e6, 0.0])
