@@ -293,3 +293,22 @@ def test_two_processes_train_a_4bit_base_together(tmp_path, tiny_model_dir):
     trained = losses(tmp_path / "run")
     assert len(trained) == 4 and trained[-1] < trained[0]
     assert load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("major, expected", [(7, "fp16"), (8, "bf16"), (9, "bf16")])
+def test_auto_precision_takes_bf16_only_where_the_gpu_has_it_natively(monkeypatch, major, expected):
+    """train.precision = "auto" on CUDA: bf16 from compute capability 8 (A100, H100), else fp16. A V100 or T4 can
+    make bf16 tensors (emulated), so torch.cuda.is_bf16_supported() says True there by default; training in
+    emulated bf16 is far slower than fp16. Simulated: CUDA present, a device of the given capability on which
+    a bf16 tensor can be made."""
+    from types import SimpleNamespace
+
+    from engine import quant
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert quant.precision_of("auto") == expected
+    assert quant.precision_of("fp16") == "fp16" and quant.precision_of("fp32") == "no"
