@@ -21,10 +21,14 @@ from engine.hookspecs import hookimpl
 
 
 class _StepTimer:
-    """An inline callback plugin: the time and tokens seen after every optimizer step."""
+    """An inline callback plugin: the time and tokens seen after every optimizer step.
+
+    On CUDA the step returns before the GPU has run it (engine/step.py), so the marks that bound the timed
+    window (after the first step, after the last) wait for the GPU first; the steps between are not waited for.
+    """
 
     marks: list[tuple[float, int]] = []
-    step_metrics_on_device = True  # it reads no metric: the GPU never waits for it (the last step is read anyway)
+    step_metrics_on_device = True  # it reads no metric: the GPU waits for it only at the two window bounds
 
     @dataclasses.dataclass
     class Options:
@@ -39,7 +43,16 @@ class _StepTimer:
 
     @hookimpl
     def on_step_end(self, context, metrics):
+        if len(_StepTimer.marks) == 1 or context.state.step >= context.total_steps:
+            _synchronize()  # else the window would start while the first step's work is still queued on the GPU
         _StepTimer.marks.append((time.perf_counter(), context.state.tokens_seen))
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def peak_memory_bytes() -> tuple[int, str]:

@@ -544,3 +544,25 @@ def test_cache_false_writes_nothing_to_the_cache_folders(tmp_path, monkeypatch):
         assert not folder.exists() or not any(p.is_file() for p in folder.rglob("*")), list(folder.rglob("*"))
     assert after["reused"] == before["reused"] and after["tokenizers_reused"] == before["tokenizers_reused"]
     assert first["steps"] == second["steps"] == 3 and first["train_loss"] == second["train_loss"]
+
+
+def test_bench_timer_waits_for_the_gpu_at_the_bounds_of_its_window(monkeypatch):
+    """The step is asynchronous on CUDA: the timer's window (from the end of the first step to the end of the
+    last) must start and end with the GPU caught up, or the first step's queued GPU work is counted as steady
+    time. CUDA simulated: synchronize is recorded; the steps between the bounds are not waited for."""
+    from types import SimpleNamespace
+
+    from engine import bench
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: events.append("sync"))
+    timer = bench._StepTimer()
+    context = SimpleNamespace(state=SimpleNamespace(step=0, tokens_seen=0), total_steps=5)
+    timer.on_train_start(context)
+    for step in range(1, 6):
+        context.state.step, context.state.tokens_seen = step, 100 * step
+        events.append(f"mark {step}")
+        timer.on_step_end(context, {})
+    assert events == ["mark 1", "sync", "mark 2", "mark 3", "mark 4", "mark 5", "sync"]
+    assert [tokens for _, tokens in bench._StepTimer.marks] == [0, 100, 200, 300, 400, 500]
