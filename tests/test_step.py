@@ -264,6 +264,49 @@ def test_no_sync_in_the_step_on_cuda():
     assert bool(out.finite)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
+def test_fp16_skips_a_nan_step_on_cuda_without_a_sync(max_grad_norm):
+    """Accelerate's real fp16 (CUDA GradScaler, fused AdamW's CUDA kernel): a NaN step leaves weights, moments
+    and step count untouched (the kernel skips only on found_inf == 1), the scale backs off, nothing syncs."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision="fp16")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=256))
+    model_mod.skip_padding_check(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = step_mod.OptimizerStep(model, optimizer, scheduler, accelerator, lambda m, b: token_loss_sum(m, b, False)[0],
+                                  max_grad_norm, "skip")
+    data = [{k: v.to("cuda") for k, v in b.items()} for b in batches(2, vocab=256)]
+    n = tokens_of(batches(2, vocab=256))
+    step(data, n)
+    torch.cuda.synchronize()
+    inner = step_mod.inner_optimizer(optimizer)
+    before = snapshot(model)
+    state_before = {k: v.clone() for k, v in inner.state[next(model.parameters())].items()}
+    scale = accelerator.scaler.get_scale()
+    handle = poisoned(model)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        bad = step(data, n)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    handle.remove()
+    assert not bool(bad.finite)
+    for name, value in snapshot(model).items():
+        assert torch.equal(value, before[name]), name
+    for key, value in inner.state[next(model.parameters())].items():
+        assert torch.equal(value, state_before[key]), key
+    assert accelerator.scaler.get_scale() == scale / 2
+
+
 def test_a_plugin_that_reads_on_step_end_gets_floats_every_step(tmp_path):
     """The hook's contract without step_metrics_on_device: floats, read from the device every step."""
     from engine.hookspecs import hookimpl
