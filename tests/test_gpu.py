@@ -138,7 +138,8 @@ def test_the_training_loop_never_syncs_between_log_steps_on_cuda(tmp_path, monke
 
 
 def test_cuda_graphs_accumulate_the_gradients_of_every_micro_batch():
-    """train.cuda_graphs with 2 micro-batches per step: the same weights as the eager step, step after step.
+    """train.cuda_graphs with 2 micro-batches per step: the same weights and metrics as the eager step, step after
+    step, the metrics read only after all steps (the loop keeps them unread until a log step).
     A .grad made by the recorded backward is overwritten by the next micro-batch's replay (torch raises
     "accessing gradient tensor output of CUDAGraphs that has been overwritten", or the step silently keeps
     one micro-batch's gradient); the step accumulates into .grad buffers made outside the graphs."""
@@ -156,7 +157,7 @@ def test_cuda_graphs_accumulate_the_gradients_of_every_micro_batch():
         ids = torch.randint(0, 256, (2, 32), generator=g)
         data.append({"input_ids": ids.cuda(), "labels": ids.clone().cuda()})
     tokens = 2 * 2 * 31
-    weights = {}
+    weights, outputs, metrics = {}, {}, {}
     for graphs in (False, True):
         torch._dynamo.reset()
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -170,12 +171,16 @@ def test_cuda_graphs_accumulate_the_gradients_of_every_micro_batch():
         model, optimizer = accelerator.prepare(model, optimizer)
         step = step_mod.OptimizerStep(model, optimizer, scheduler, accelerator, lambda m, b: token_loss_sum(m, b, "plain")[0],
                                       1.0, "stop", compile=graphs, cuda_graphs=graphs)
-        weights[graphs] = []
+        weights[graphs], outputs[graphs] = [], []
         for _ in range(4):  # warm-up, recording, then replays
-            out = step(data, tokens)
+            outputs[graphs].append(step(data, tokens))  # kept unread across steps, as the loop keeps them
             weights[graphs].append({n: p.detach().clone() for n, p in model.named_parameters()})
-        assert bool(out.finite)
+        # read only now, after later replays: the metrics must not live in the graphs' reused memory
+        metrics[graphs] = [(float(o.loss), float(o.grad_norm), bool(o.finite)) for o in outputs[graphs]]
     torch._dynamo.reset()
     for eager, graphed in zip(weights[False], weights[True]):
         for name, value in eager.items():
             torch.testing.assert_close(graphed[name], value, rtol=1e-3, atol=1e-4)
+    for (loss, norm, finite), (g_loss, g_norm, g_finite) in zip(metrics[False], metrics[True]):
+        assert finite and g_finite and g_loss == pytest.approx(loss, rel=1e-4) and g_norm == pytest.approx(norm, rel=1e-3)
+    assert len({loss for loss, _, _ in metrics[True]}) == 4  # one value per step, not one overwritten buffer
