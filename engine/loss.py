@@ -39,7 +39,9 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 24  # logits elements per chunk: 64 MiB in fp32
-_POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# config keys of models that change logits after lm_head (transformers' modeling_*.py): softcapping, scaling,
+# and cutting the padded vocabulary off (inkling: logits[..., :unpadded_vocab_size])
+_POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale", "unpadded_vocab_size")
 
 
 def model_inputs(batch: dict[str, torch.Tensor], model: Any = None) -> dict[str, Any]:

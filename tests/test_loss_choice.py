@@ -70,6 +70,29 @@ def test_recipe_takes_the_choices_and_names_the_key_on_a_bad_one():
         from_dict({**base, "train": {"chunked_loss": True}}, "r.toml")
 
 
+def test_a_model_that_cuts_its_padded_vocabulary_after_the_head_uses_the_plain_loss():
+    """transformers' Inkling slices logits[..., :config.unpadded_vocab_size] after lm_head. The fused and chunked
+    ways apply lm_head themselves to the hidden states and would take the padding rows into the softmax. Stood
+    in for by a GPT-2 that slices its logits the same way."""
+    from transformers import GPT2LMHeadModel
+
+    class Sliced(GPT2LMHeadModel):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits[..., : self.config.unpadded_vocab_size]
+            return out
+
+    torch.manual_seed(0)
+    model = Sliced(tiny_model().config)
+    model.config.unpadded_vocab_size = 100  # of 128
+    b = batch(vocab=100)
+    plain = loss_mod.token_loss_sum(model, b, "plain")[0]
+    chunked = loss_mod.chunked_loss_sum(model, b, chunk_elements=8 * 128)
+    torch.testing.assert_close(chunked, plain)
+    assert loss_mod.output_layer(model) is None  # so fused (on CUDA) falls back to plain as well
+    assert loss_mod.choose("auto", model, torch.device("cpu"), 3, 16, half=False)[0] == "plain"
+
+
 def fake_liger(monkeypatch):
     """liger_kernel.transformers.LigerFusedLinearCrossEntropyLoss as plain torch: tests the engine's plumbing
     (hidden states, shift, bias, sum over targets); the real kernel is compared in the gpu-marked test."""
