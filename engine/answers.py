@@ -67,7 +67,7 @@ def evaluate_answers(folder: Any, recipe_table: dict[str, Any], format_name: str
     """Loss over the answer tokens of the examples in `data`, formatted and packed as in training."""
     import warnings
 
-    from engine import evaluation, formats, manager, packing
+    from engine import evaluation, formats, from_checkpoint, manager, packing, quant
     from engine import model as model_mod
     from engine.errors import UserError
 
@@ -82,8 +82,8 @@ def evaluate_answers(folder: Any, recipe_table: dict[str, Any], format_name: str
         raise UserError(f"--data: '{data}' holds no examples")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        model, tokenizer = model_mod.load_trained(folder)
-    if torch.cuda.is_available():
+        model, tokenizer, kind = from_checkpoint.load_any(folder)  # a model, an adapter or a checkpoint
+    if torch.cuda.is_available() and not quant.is_quantized(model):  # a quantized base was loaded onto its device
         model.to("cuda")
     if format_name == "text" and generate:
         raise UserError("--generate: the run was trained on plain text (data.format = \"text\"): there are no answers to "
@@ -100,7 +100,7 @@ def evaluate_answers(folder: Any, recipe_table: dict[str, Any], format_name: str
     result = evaluation.evaluate(model, None, blocks, batch_size, tokenizer.pad_token_id, sum(e.target_chars for e in examples))
     out = {
         "model": str(folder),
-        "kind": "LoRA adapter" if (folder / "adapter_config.json").exists() else "model",
+        "kind": kind,
         "format": format_name,
         "data": data,
         "examples": len(examples),

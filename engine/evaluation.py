@@ -110,7 +110,7 @@ def evaluate_text(model_path: str, data: str, max_length: int = 0, batch_size: i
     result = evaluate(model, None, blocks, batch_size, tokenizer.pad_token_id, n_chars)
     return {
         "model": str(folder),
-        "kind": f"checkpoint, {kind}" if from_checkpoint.is_checkpoint(folder) else kind,
+        "kind": kind,
         "data": data,
         "documents": len(documents),
         "characters": n_chars,

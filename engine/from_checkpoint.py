@@ -50,12 +50,14 @@ def load(folder: str | Path) -> tuple[Any, Any, str]:
 
 
 def load_any(folder: str | Path) -> tuple[Any, Any, str]:
-    """A model folder, an adapter folder or a checkpoint: (model, tokenizer, kind) for inference."""
+    """A model folder, an adapter folder or a checkpoint: (model, tokenizer, kind) for inference; kind is
+    "model" or "LoRA adapter", prefixed "checkpoint, " for a checkpoint."""
     from engine import model as model_mod
 
     folder = Path(folder)
     if is_checkpoint(folder):
-        return load(folder)
+        model, tokenizer, kind = load(folder)
+        return model, tokenizer, f"checkpoint, {kind}"
     model, tokenizer = model_mod.load_trained(folder)
     return model, tokenizer, "LoRA adapter" if (folder / "adapter_config.json").exists() else "model"
 

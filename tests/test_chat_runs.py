@@ -32,7 +32,7 @@ def chat_run(tmp_path_factory):
     recipe = tiny_recipe(folder, data={"train": str(data), "val": str(val), "format": "chat", "max_length": 32},
                          model={"config": {"model_type": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 64}, "tokenizer_vocab_size": 300},
                          decoding="greedy", train={"max_steps": 150, "batch_size": 4, "learning_rate": 1e-2, "sample_prompts": ["Sound of a cow?"],
-                                                   "eval_every_steps": 150, "sample_max_new_tokens": 6})
+                                                   "eval_every_steps": 150, "sample_max_new_tokens": 6, "save_every_steps": 75})
     summary = run_recipe(recipe)
     return folder, summary
 
@@ -87,6 +87,20 @@ def test_eval_reports_answer_loss_and_exact_match(chat_run):
     assert got["tokens"] == answers  # each answer and its end of turn: nothing else is scored
     assert got["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
     assert got["exact_match"] == 1.0 and got["answered"] == len(CHATS)
+    assert got["kind"] == "model"
+
+
+def test_eval_takes_a_checkpoint_of_an_instruction_run(chat_run):
+    """eval RUN/checkpoints/step-N on chat data: the checkpoint's own weights, formatted as in training, named as a checkpoint."""
+    from engine import evaluation
+
+    folder, summary = chat_run
+    checkpoints = sorted((folder / "run" / "checkpoints").glob("step-*"))
+    assert len(checkpoints) >= 2
+    last, earlier = evaluation.evaluate_text(str(checkpoints[-1]), str(folder / "chats.jsonl")), evaluation.evaluate_text(str(checkpoints[0]), str(folder / "chats.jsonl"))
+    assert last["kind"] == earlier["kind"] == "checkpoint, model" and last["format"] == "chat"
+    assert checkpoints[-1].name == f"step-{summary['steps']:08d}" and last["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)  # final/'s weights
+    assert earlier["loss"] != pytest.approx(last["loss"], rel=1e-4)  # an earlier step's weights are its own
 
 
 def test_python_api_generate_formats_like_training(chat_run):
