@@ -23,7 +23,7 @@ model FLOPs (6 x parameters + attention 12 x layers x width x seq per token; LoR
 still cost 4 of the 6) over the bf16 matmul rate measured on this GPU. Targets: (a) peak <= 3 GiB and
 >= 2x Trainer's tokens/s; (b) >= 45% MFU.
 
---smoke runs every run of the benchmark on CPU in a minute (a 1-layer, 64-wide model at seq 64, fp32,
+--smoke runs every run of the benchmark on CPU, all in one child process, in under a minute (a 1-layer, 64-wide model at seq 64, fp32,
 no compile, 3 steps) so that the script's recipes, Trainer arguments and data plumbing are checked
 where there is no GPU (tests/test_speed.py does); its numbers mean nothing.
 """
@@ -215,13 +215,17 @@ def one_bare(key: str, folder: Path, steps: int, out: Path, variant: str = "comp
                                "micro_batch": batch, "accumulation": 1}))
 
 
+def run_name(loop: str, key: str, variant: str | None) -> str:
+    return f"{loop}-{key}" + (f"-{variant}" if loop == "trainer" else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.benchmarks.gpu", description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run (the first is warm-up)")
     ap.add_argument("--json", default=None, help="also write the results as JSON to this path")
     ap.add_argument("--smoke", action="store_true", help="check the plumbing on CPU: tiny model, 3 steps (numbers mean nothing)")
     ap.add_argument("--budget", type=float, default=450, help="seconds: optional runs are skipped once the script would run longer")
-    ap.add_argument("--one", nargs=5, default=None, help=argparse.SUPPRESS)  # LOOP KEY VARIANT FOLDER OUT (subprocess)
+    ap.add_argument("--one", nargs=5, action="append", default=None, help=argparse.SUPPRESS)  # LOOP KEY VARIANT FOLDER OUT (subprocess)
     args = ap.parse_args(argv)
     if args.smoke:
         smoke_settings()
@@ -229,12 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     elif not torch.cuda.is_available():
         print("error: benchmark 4 needs a CUDA GPU", file=sys.stderr)
         return 2
-    if args.one:
-        loop, key, variant, folder, out = args.one
-        if loop == "engine":
-            one_engine(key, Path(folder), args.steps, Path(out))
-        else:
-            (one_trainer if loop == "trainer" else one_bare)(key, Path(folder), args.steps, Path(out), variant)
+    if args.one:  # a child: the runs it was given, in order (one per process on a GPU; all of them in one under --smoke)
+        for loop, key, variant, folder, out in args.one:
+            if loop == "engine":
+                one_engine(key, Path(folder), args.steps, Path(out))
+            else:
+                (one_trainer if loop == "trainer" else one_bare)(key, Path(folder), args.steps, Path(out), variant)
         return 0
     from engine.benchmarks.common import machine, table, write_json
 
@@ -247,17 +251,25 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "distilgpt2-random"
         make_model_folder(folder, args.smoke)
+
+        def child(runs: list[tuple[str, str, str]]) -> subprocess.CompletedProcess:
+            """A fresh process for these runs (LOOP, KEY, VARIANT each), writing Path(tmp)/NAME.json per run."""
+            ones = [a for loop, key, variant in runs for a in ("--one", loop, key, variant or "-", str(folder), str(Path(tmp) / f"{run_name(loop, key, variant)}.json"))]
+            return subprocess.run([sys.executable, "-m", "engine.benchmarks.gpu", "--steps", str(args.steps),
+                                   *(["--smoke"] if args.smoke else []), *ones], capture_output=True, text=True)
+
+        # on a GPU every run gets a fresh process (its own peak memory, no compiled code left over);
+        # --smoke checks the same plumbing with every run in one child process
+        smoke_child = child([(loop, key, variant) for key, loop, variant, _ in RUNS]) if args.smoke else None
         for key, loop, variant, optional in RUNS:
-            s, name = SETTINGS[key], f"{loop}-{key}" + (f"-{variant}" if loop == "trainer" else "")
+            s, name = SETTINGS[key], run_name(loop, key, variant)
             if optional and time.perf_counter() - started + longest > args.budget:
                 print(f"{s['name']} {loop} {variant}: skipped (the script would pass --budget {args.budget:.0f} s)", flush=True)
                 results[name] = {"skipped": "time budget"}
                 continue
             out = Path(tmp) / f"{name}.json"
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "engine.benchmarks.gpu", "--steps", str(args.steps),
-                                   *(["--smoke"] if args.smoke else []), "--one", loop, key, variant or "-", str(folder), str(out)],
-                                  capture_output=True, text=True)
+            proc = smoke_child or child([(loop, key, variant)])
             longest = max(longest, time.perf_counter() - t0)
             if proc.returncode != 0 or not out.exists():
                 print(f"{name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
