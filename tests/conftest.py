@@ -10,6 +10,20 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist (-n N), each worker and the processes it starts use their share of the cores for
+    torch's threads: N workers each spinning threads on every core run slower together than one alone."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads  # read when torch loads, here and in subprocesses
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(threads))
+
+
+_share_the_cores()
+
+
 def run_cli(*args: str, cwd: Path | str = REPO, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python -m engine ARGS` as a user would; returns the finished process (text output)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -21,6 +35,17 @@ def run_cli(*args: str, cwd: Path | str = REPO, env: dict | None = None, timeout
 def in_ci() -> bool:
     """CI=true, CI=1, CI=yes... (CI services set different truthy values)."""
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """With -n N (pytest-xdist) and no --dist of the user's: each file's tests go to one worker, so the
+    expensive module fixtures (a reference run trained once for a file's tests) run once, not once per worker."""
+    if config.option.dist == "load":
+        from xdist.scheduler import LoadFileScheduling
+
+        return LoadFileScheduling(config, log)
+    return None
 
 
 def pytest_collection_modifyitems(config, items):
