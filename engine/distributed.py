@@ -7,8 +7,9 @@ and evaluates each validation block once. This module holds the rest:
   machine without a GPU train together on CPU (gloo) instead of each running alone.
 - `check_device_map`: `model.device_map = "auto"` is one process spreading a model over the GPUs it
   sees; it cannot be combined with several processes.
-- `agree_stop`: a stop asked for on any process (a plugin, early stopping) stops every process
-  after the same step, and every process learns why.
+- `StepAgreement`: a stop asked for on any process (a plugin, early stopping) or a signal received
+  by any process stops every process after the same step, and every process learns why; agreed on
+  the host (a gloo group), so the step never waits for the GPU to agree.
 - `full_state_dict` / `can_generate_alone`: under FSDP each process holds a shard, so saving gathers
   the whole model on every process, and the main process cannot generate alone.
 """
@@ -90,28 +91,43 @@ def check_device_map(model_cfg: Any, processes: int) -> None:
         )
 
 
-def agree_stop(accelerator: Any, context: Any) -> bool:
-    """True on every process when any process asked to stop; every process then holds the reason.
+class StepAgreement:
+    """agree(context, received) -> (stop, signal): what every process does after this step.
 
-    Called at the same point of every step on every process (it communicates; with one process it
-    reads nothing from the device).
+    Called at the same point of every step on every process. stop: any process asked to stop
+    (context.stop_reason; each process then holds a reason, naming the process that asked);
+    signal: the strongest signal any process received (SIGTERM wins over SIGINT), or 0.
+    With several processes this is one all-reduce of two host integers over a gloo group made for
+    it, even where training runs on NCCL: nothing is read back from the GPU, so the step stays
+    free of host-device syncs. With one process nothing is communicated.
     """
-    if accelerator.num_processes == 1:
-        return bool(context.stop_reason)
-    if context.stop_reason:
-        accelerator.set_trigger()
-    if not accelerator.check_trigger():
-        return False
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
 
-        reasons = gather_object([context.stop_reason])
-        asked = [(rank, reason) for rank, reason in enumerate(reasons) if reason]
-        if asked and not context.stop_reason:  # a process that asked itself keeps its own reason
-            rank, reason = asked[0]
-            context.stop_reason = f"{reason} (on process {rank})"
-    context.request_stop("stop requested")
-    return True
+    def __init__(self, accelerator: Any):
+        self.world = accelerator.num_processes
+        self.group = None
+        if self.world > 1:
+            import torch.distributed as dist
+
+            self.group = dist.new_group(backend="gloo")  # collective: every process makes it, once
+
+    def agree(self, context: Any, received: int) -> tuple[bool, int]:
+        if self.world == 1:
+            return bool(context.stop_reason), received
+        import torch
+        import torch.distributed as dist
+
+        flags = torch.tensor([1 if context.stop_reason else 0, received], dtype=torch.int64)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        stop, signum = (int(v) for v in flags.tolist())  # a CPU tensor: no device involved
+        if stop:
+            reasons: list[Any] = [None] * self.world
+            dist.all_gather_object(reasons, context.stop_reason, group=self.group)
+            asked = [(rank, reason) for rank, reason in enumerate(reasons) if reason]
+            if asked and not context.stop_reason:  # a process that asked itself keeps its own reason
+                rank, reason = asked[0]
+                context.stop_reason = f"{reason} (on process {rank})"
+            context.request_stop("stop requested")
+        return bool(stop), signum
 
 
 def is_fsdp(accelerator: Any) -> bool:

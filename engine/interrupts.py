@@ -12,7 +12,6 @@ import signal
 import threading
 from typing import Any
 
-import torch
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -37,13 +36,6 @@ class Watch:
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C
         self.received = max(self.received, signum)
-
-    def pending(self, accelerator: Any) -> int:
-        """The signal received by any process (SIGTERM wins over SIGINT), or 0."""
-        if accelerator.num_processes == 1:
-            return self.received
-        mine = torch.tensor([self.received], device=accelerator.device)
-        return int(accelerator.gather(mine).max().item())
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():

@@ -261,6 +261,7 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
     feeder.start(state.step, state.epoch, state.step_in_epoch)
     first_step = state.step
     stop = False
+    agreement = distributed.StepAgreement(accelerator)  # every process, here: stop and signals agreed on the host
     signals.arm()
     while state.step < total_steps and not stop:
         if state.step_in_epoch >= per_epoch:
@@ -302,9 +303,8 @@ def _train(recipe: Recipe, signals: interrupts.Watch, cleanup: contextlib.ExitSt
         plugins.hook.on_step_end(context=context, metrics=metrics)
         if eval_due:
             stop = run_evaluation() or stop
-        if distributed.agree_stop(accelerator, context):  # any process asked: all stop after this step
-            stop = True
-        signum = signals.pending(accelerator)
+        asked, signum = agreement.agree(context, signals.received)  # any process asked or got a signal: all stop after this step
+        stop = stop or asked
         if save_due or (write_run and signum):
             last_checkpoint = save_checkpoint()
         if signum:
