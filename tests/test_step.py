@@ -234,25 +234,32 @@ def test_the_training_loop_reads_the_device_only_at_log_evaluation_and_checkpoin
     assert [kind for _, kind in GuardFromFirstStep.steps] == ["Tensor", "Tensor", "Tensor", "float"] * 2
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_no_sync_in_the_step_on_cuda():
-    """torch.cuda.set_sync_debug_mode("error") raises on any synchronising call during the step."""
+def cuda_setup(precision, max_grad_norm, on_nan):
+    """A real CUDA step: Accelerate's mixed precision (bf16 or fp16 with its GradScaler), fused AdamW's CUDA kernel,
+    a 2-layer GPT-2; returns (accelerator, model, optimizer, step, two micro-batches on the GPU, their target count)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from transformers import GPT2Config, GPT2LMHeadModel
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision="bf16")
+    accelerator = Accelerator(mixed_precision=precision)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=256))
     model_mod.skip_padding_check(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
-    step = step_mod.OptimizerStep(model, optimizer, scheduler, accelerator, lambda m, b: token_loss_sum(m, b, False)[0], 1.0, "stop")
+    step = step_mod.OptimizerStep(model, optimizer, scheduler, accelerator, lambda m, b: token_loss_sum(m, b, False)[0],
+                                  max_grad_norm, on_nan)
     data = [{k: v.to("cuda") for k, v in b.items()} for b in batches(2, vocab=256)]
-    n = tokens_of(batches(2, vocab=256))
+    return accelerator, model, optimizer, step, data, tokens_of(batches(2, vocab=256))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_sync_in_the_step_on_cuda():
+    """torch.cuda.set_sync_debug_mode("error") raises on any synchronising call during the step."""
+    accelerator, model, optimizer, step, data, n = cuda_setup("bf16", 1.0, "stop")
     step(data, n)  # warm-up: lazy state, cuBLAS handles
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -270,22 +277,7 @@ def test_no_sync_in_the_step_on_cuda():
 def test_fp16_skips_a_nan_step_on_cuda_without_a_sync(max_grad_norm):
     """Accelerate's real fp16 (CUDA GradScaler, fused AdamW's CUDA kernel): a NaN step leaves weights, moments
     and step count untouched (the kernel skips only on found_inf == 1), the scale backs off, nothing syncs."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision="fp16")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=256))
-    model_mod.skip_padding_check(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    step = step_mod.OptimizerStep(model, optimizer, scheduler, accelerator, lambda m, b: token_loss_sum(m, b, False)[0],
-                                  max_grad_norm, "skip")
-    data = [{k: v.to("cuda") for k, v in b.items()} for b in batches(2, vocab=256)]
-    n = tokens_of(batches(2, vocab=256))
+    accelerator, model, optimizer, step, data, n = cuda_setup("fp16", max_grad_norm, "skip")
     step(data, n)
     torch.cuda.synchronize()
     inner = step_mod.inner_optimizer(optimizer)
