@@ -44,11 +44,12 @@ class _StepTimer:
     @hookimpl
     def on_step_end(self, context, metrics):
         if len(_StepTimer.marks) == 1 or context.state.step >= context.total_steps:
-            _synchronize()  # else the window would start while the first step's work is still queued on the GPU
+            synchronize()  # else the window would start while the first step's work is still queued on the GPU
         _StepTimer.marks.append((time.perf_counter(), context.state.tokens_seen))
 
 
-def _synchronize() -> None:
+def synchronize() -> None:
+    """Wait for the GPU's queued work (nothing to wait for on CPU)."""
     import torch
 
     if torch.cuda.is_available():

@@ -171,6 +171,10 @@ def liger_version() -> tuple[int, ...] | None:
         return None
 
 
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
+
+
 def fused_available(device: torch.device) -> bool:
     found = liger_version()
     return device.type == "cuda" and found is not None and found >= LIGER_MIN
@@ -200,8 +204,8 @@ def choose(requested: str, model: Any, device: torch.device, micro_batch: int, s
     if requested == "fused" and not fused_available(device):
         missing = "; liger-kernel is not installed: pip install 'tunesmith[gpu]'" if found is None else ""
         if found is not None and found < LIGER_MIN:
-            missing = (f"; the installed liger-kernel {'.'.join(map(str, found))} fails under mixed precision, "
-                       f"{'.'.join(map(str, LIGER_MIN))} or later is needed: pip install -U 'tunesmith[gpu]'")
+            missing = (f"; the installed liger-kernel {_dotted(found)} fails under mixed precision, "
+                       f"{_dotted(LIGER_MIN)} or later is needed: pip install -U 'tunesmith[gpu]'")
         raise UserError(
             f'train.chunked_loss: "fused" needs liger-kernel and a CUDA GPU (this run is on {device.type}{missing}); '
             f'use "auto", "plain" or "chunked"'
@@ -212,7 +216,7 @@ def choose(requested: str, model: Any, device: torch.device, micro_batch: int, s
         return "plain", "plain (auto: the output layer is not a plain Linear, or the model changes logits after it)"
     if fused_available(device):
         return "fused", "fused linear cross-entropy from liger-kernel (auto: installed, on CUDA)"
-    too_old = (f"; liger-kernel {'.'.join(map(str, found))} is installed but too old, {'.'.join(map(str, LIGER_MIN))} or later "
+    too_old = (f"; liger-kernel {_dotted(found)} is installed but too old, {_dotted(LIGER_MIN)} or later "
            f"is needed for its fused loss" if device.type == "cuda" and found is not None else "")
     need, have = logits_bytes(micro_batch, seq_len, head.out_features, half), memory_of(device)
     if need <= have // 4:

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from engine.bench import synchronize
+
 SEQ = 512
 SETTINGS = {
     "a": {"name": "(a) design: fp16, ckpt, LoRA r=16, 4x4", "lora": True, "precision": "fp16", "checkpointing": True,
@@ -81,11 +83,6 @@ def make_model_folder(folder: Path, smoke: bool = False) -> None:
                         pad_token_id=tokenizer.pad_token_id)
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def reset_peak() -> None:
